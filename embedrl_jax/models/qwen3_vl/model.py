@@ -1,0 +1,138 @@
+"""Qwen3-VL: vision tower + placeholder fusion + DeepStack + Qwen3 decoder + LM head.
+
+The NNX module defines the parameters and the computation; outside this file the model
+is a `ModelDef` (static graph + config) and a plain parameter pytree, and every entry
+point (`hidden`, `logits`) is a pure function of (params, batch) that can be jitted.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ...sharding import constrain
+from .config import Qwen3VLConfig
+from .layers import param, rms_norm, scan_layers, stacked
+from .rope import mrope_cos_sin
+from .text import DecoderLayer, causal_mask
+from .vision import VisionTower
+
+Params = dict[str, Any]
+
+
+class Qwen3VL(nnx.Module):
+    def __init__(self, cfg: Qwen3VLConfig, rngs: nnx.Rngs):
+        t = cfg.text
+        self.cfg = cfg
+        self.visual = VisionTower(cfg.vision, rngs)
+        self.embed = param(rngs, (t.vocab_size, t.hidden_size), ("vocab", "embed"))
+        self.layers = stacked(t.num_hidden_layers, lambda r: DecoderLayer(t, r), rngs)
+        self.norm = param(rngs, (t.hidden_size,), ("norm",), "ones")
+        self.lm_head = None if cfg.tie_word_embeddings else param(rngs, (t.hidden_size, t.vocab_size), ("embed", "vocab"))
+
+    # ------------------------------------------------------------------ pieces
+    def vision_features(self, batch, dtype, remat=False):
+        return self.visual(
+            batch["patches"], batch["segment_ids"], batch["pos_idx"], batch["pos_w"], batch["rowcol"],
+            dtype=dtype, remat=remat,
+        )
+
+    def embed_inputs(self, batch, dtype, remat=False):
+        """Token embeddings with visual features scattered in, plus DeepStack slabs [K, B, L, D]."""
+        x = jnp.take(self.embed[...], batch["input_ids"], axis=0).astype(dtype)
+        deep = None
+        if "patches" in batch:
+            merged, ds = self.vision_features(batch, dtype, remat)
+            index = batch["visual_index"]
+            is_visual = (index >= 0)[..., None]
+            safe = jnp.maximum(index, 0)
+            x = jnp.where(is_visual, jnp.take(merged, safe, axis=0).astype(dtype), x)
+            if ds.shape[0]:
+                deep = jnp.where(is_visual[None], jnp.take(ds, safe, axis=1).astype(dtype), 0)
+        return constrain(x, ("batch", "seq", None)), deep
+
+    def decode_layers(self, x, cos, sin, mask, deep, remat=False):
+        n_deep = 0 if deep is None else deep.shape[0]
+
+        def body(layer, h, i):
+            h = layer(h, cos, sin, mask)
+            if n_deep:
+                slab = jax.lax.dynamic_index_in_dim(deep, jnp.minimum(i, n_deep - 1), keepdims=False)
+                h = h + jnp.where(i < n_deep, slab, jnp.zeros_like(slab))
+            return h
+
+        return scan_layers(self.layers, body, x, jnp.arange(self.cfg.text.num_hidden_layers), remat=remat)
+
+    def __call__(self, batch, *, dtype=jnp.float32, remat=False):
+        """Final-norm hidden states [B, L, D]."""
+        t = self.cfg.text
+        x, deep = self.embed_inputs(batch, dtype, remat)
+        cos, sin = mrope_cos_sin(batch["positions"], t.head_dim, t.rope_theta, t.mrope_section)
+        mask = causal_mask(batch["attention_mask"])
+        x = self.decode_layers(x, cos.astype(dtype), sin.astype(dtype), mask, deep, remat)
+        return rms_norm(x, self.norm[...], t.rms_norm_eps)
+
+    def head_kernel(self):
+        """[D, V] LM head (the transposed embedding when tied)."""
+        return self.embed[...].T if self.lm_head is None else self.lm_head[...]
+
+    def logits(self, hidden):
+        kernel = self.head_kernel().astype(hidden.dtype)
+        out = jnp.einsum("btd,dv->btv", hidden, kernel, preferred_element_type=jnp.float32)
+        return constrain(out, ("batch", "seq", "vocab"))
+
+
+# ---------------------------------------------------------------- functional boundary
+@dataclasses.dataclass(frozen=True)
+class ModelDef:
+    """Static half of the model: config and NNX graph. Hashable, so it can close over jit."""
+
+    config: Qwen3VLConfig
+    graphdef: Any
+    abstract_state: Any = dataclasses.field(compare=False, hash=False, repr=False)
+
+    def module(self, params: Params) -> Qwen3VL:
+        state = jax.tree.map(lambda x: x, self.abstract_state)
+        nnx.replace_by_pure_dict(state, params)
+        return nnx.merge(self.graphdef, state)
+
+    def hidden(self, params: Params, batch, *, dtype=jnp.float32, remat=False):
+        return self.module(params)(batch, dtype=dtype, remat=remat)
+
+    def logits(self, params: Params, batch, *, dtype=jnp.float32, remat=False):
+        model = self.module(params)
+        return model.logits(model(batch, dtype=dtype, remat=remat))
+
+    def vision(self, params: Params, batch, *, dtype=jnp.float32):
+        """Vision tower alone: merged tokens [R*S/4, D] and DeepStack features [K, R*S/4, D]."""
+        return self.module(params).vision_features(batch, dtype)
+
+    def abstract_params(self) -> Params:
+        return nnx.to_pure_dict(self.abstract_state)
+
+    def param_axes(self) -> Params:
+        """Logical axis names per parameter, as a pytree parallel to the params."""
+        specs = nnx.get_partition_spec(self.abstract_state)
+        return jax.tree.map(lambda s: tuple(s), nnx.to_pure_dict(specs), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+
+
+def model_def(cfg: Qwen3VLConfig) -> ModelDef:
+    """Abstract model: nothing is allocated, so this is cheap for any size."""
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.eval_shape(lambda: Qwen3VL(cfg, nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract, nnx.Param)
+    return ModelDef(cfg, graphdef, state)
+
+
+def init_params(mdef: ModelDef, key, shardings=None) -> Params:
+    """Random parameters, created directly in their shards when `shardings` is given."""
+
+    def make(k):
+        with nnx.use_eager_sharding(False):
+            model = Qwen3VL(mdef.config, nnx.Rngs(k))
+        return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+    return jax.jit(make, out_shardings=shardings)(key)

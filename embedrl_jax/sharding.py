@@ -1,0 +1,134 @@
+"""One device mesh, one rules table from logical axis names to mesh axes.
+
+Models annotate parameters and a few activations with *logical* names only. Everything
+that turns names into placements lives here, so the model never learns what a mesh is.
+A rule whose mesh axes do not divide a dimension falls back to replicating that
+dimension (tiny test configs and odd batch sizes hit this), and a mesh axis is never
+used twice in one spec.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical name -> mesh axis (or tuple of axes, or None = replicated)
+RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("seq", None),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("vision_embed", "fsdp"),
+    ("vision_heads", "tensor"),
+    ("vision_mlp", "tensor"),
+    ("patch", None),
+    ("positions", None),
+    ("layers", None),
+    ("norm", None),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh shape; -1 on one axis takes the remaining devices."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+    def shape(self, n_devices: int) -> tuple[int, int, int]:
+        dims = [self.data, self.fsdp, self.tensor]
+        if dims.count(-1) > 1:
+            raise ValueError(f"at most one mesh axis may be -1, got {dims}")
+        known = math.prod(d for d in dims if d != -1)
+        if -1 in dims:
+            if n_devices % known:
+                raise ValueError(f"{n_devices} devices do not divide into mesh {dims}")
+            dims[dims.index(-1)] = n_devices // known
+        if math.prod(dims) != n_devices:
+            raise ValueError(f"mesh {dict(zip(MESH_AXES, dims))} needs {math.prod(dims)} devices, have {n_devices}")
+        return tuple(dims)
+
+
+def make_mesh(config: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The only place a mesh is built: axes (data, fsdp, tensor), all Auto (GSPMD)."""
+    config = config or MeshConfig()
+    devices = list(devices) if devices is not None else jax.devices()
+    shape = config.shape(len(devices))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def _axis_size(mesh, axes) -> int:
+    if axes is None:
+        return 1
+    if isinstance(axes, str):
+        axes = (axes,)
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh, rules=RULES) -> P:
+    """Resolve logical names for one array; undivisible or reused mesh axes replicate."""
+    table = dict(rules)
+    if len(names) != len(shape):
+        raise ValueError(f"logical names {tuple(names)} do not match rank of shape {tuple(shape)}")
+    used: set[str] = set()
+    spec = []
+    for name, dim in zip(names, shape):
+        if name is None:
+            spec.append(None)
+            continue
+        if name not in table:
+            raise KeyError(f"logical axis {name!r} has no sharding rule")
+        axes = table[name]
+        if axes is None:
+            spec.append(None)
+            continue
+        axes_t = (axes,) if isinstance(axes, str) else tuple(axes)
+        # drop axes already used or of size 1; then require divisibility
+        axes_t = tuple(a for a in axes_t if a not in used and mesh.shape[a] > 1)
+        if not axes_t or dim % _axis_size(mesh, axes_t):
+            spec.append(None)
+            continue
+        used.update(axes_t)
+        spec.append(axes_t[0] if len(axes_t) == 1 else axes_t)
+    return P(*spec)
+
+
+def named_sharding(names, shape, mesh, rules=RULES) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(names, shape, mesh, rules))
+
+
+def tree_shardings(axes_tree, shapes_tree, mesh, rules=RULES):
+    """Shardings for a parameter pytree from a parallel pytree of logical-name tuples."""
+    return jax.tree.map(
+        lambda names, leaf: named_sharding(names, np.shape(leaf) if not hasattr(leaf, "shape") else leaf.shape, mesh, rules),
+        axes_tree,
+        shapes_tree,
+        is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(n, (str, type(None))) for n in x),
+    )
+
+
+def replicated(mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def constrain(x: jax.Array, names: Sequence[str | None], rules=RULES) -> jax.Array:
+    """Activation sharding hint under the mesh set by `jax.set_mesh`.
+
+    Single-device runs (no mesh in context) have nothing to constrain; under any mesh,
+    CPU included, the constraint is applied.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(names, x.shape, mesh, rules))
