@@ -175,6 +175,17 @@ def load_params(path: str | Path, mdef: ModelDef, mesh, dtype=np.float32):
     for row in mapping.rows:
         by_path[row.path] = row
 
+    for row in mapping.rows:  # every shape is checked before any data is read
+        leaf = get_path(abstract, row.path)
+        want = mapping.hf_shape(row, tuple(leaf.shape[1:] if row.stack else leaf.shape))
+        for i in range(stack_size(mdef.config, row.stack)):
+            key = row.hf.format(i=i)
+            got = reader.info(key)[1]
+            if tuple(got) != tuple(want):
+                raise ValueError(
+                    f"tensor {key} has shape {tuple(got)} but parameter {'/'.join(row.path)} expects {tuple(want)}"
+                )
+
     params: dict[str, Any] = {}
     for path_, row in by_path.items():
         leaf = get_path(abstract, path_)

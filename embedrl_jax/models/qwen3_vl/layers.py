@@ -18,7 +18,7 @@ def param(rngs: nnx.Rngs, shape, names, init: str = "normal", scale: float = 0.0
         value = jnp.ones(shape, jnp.float32)
     else:
         raise ValueError(f"unknown init {init!r}")
-    return nnx.Param(value, sharding=tuple(names))
+    return nnx.Param(value, out_sharding=tuple(names))
 
 
 def stacked(n: int, make, rngs: nnx.Rngs):
