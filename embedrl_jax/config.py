@@ -26,7 +26,7 @@ __all__ = ["load_config", "from_dict", "apply_overrides", "to_dict", "PRESET_DIR
 
 
 def _type_name(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
 
 
 def _convert(value, tp, where: str):
@@ -160,10 +160,13 @@ def _set(cfg, keys: list[str], raw: str, dotted: str):
     else:
         try:
             new = _convert(value, tp, dotted)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError) as e:
             if isinstance(value, str):
                 raise
-            new = _convert(raw, tp, dotted)  # e.g. name=123 for a str field keeps the text
+            try:  # e.g. name=123 for a str field keeps the text
+                new = _convert(raw, tp, dotted)
+            except (TypeError, ValueError):
+                raise e from None
     return dataclasses.replace(cfg, **{name: new})
 
 

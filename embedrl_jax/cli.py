@@ -1,0 +1,191 @@
+"""`embedrl <verb> ...`: the command line.
+
+Each verb is one function that adds its sub-parser (and sets `run`), registered in
+`VERBS`; new verbs (train-embedder, sft-reasoner, train-reasoner, encode, generate) are
+added the same way. jax is imported only inside the verbs, so flags that must be set
+before jax starts (XLA_FLAGS, JAX_PLATFORMS) can still be set here or in the environment.
+
+User errors (missing inputs, unsupported models, refusing to overwrite) end with one line
+`embedrl: error: ...` on stderr and exit status 2; progress goes to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+PROG = "embedrl"
+DTYPES = ("float32", "bfloat16")
+
+
+def _say(msg: str) -> None:
+    print(f"{PROG}: {msg}", file=sys.stderr, flush=True)
+
+
+class _Timer:
+    def __init__(self, what: str):
+        self.what = what
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        _say(f"{self.what} ...")
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            _say(f"{self.what}: done in {time.perf_counter() - self.t0:.1f}s")
+
+
+def _mesh_arg(text: str):
+    from .sharding import MeshConfig
+
+    try:
+        dims = [int(x) for x in text.split(",")]
+    except ValueError:
+        dims = []
+    if len(dims) != 3:
+        raise ValueError(f"--mesh {text!r}: expected three comma-separated sizes data,fsdp,tensor (e.g. 1,-1,1)")
+    return MeshConfig(*dims)
+
+
+def _make_mesh(text: str | None):
+    if text is None:
+        return None  # one device
+    from .sharding import make_mesh
+
+    return make_mesh(_mesh_arg(text))
+
+
+def _existing_dir(path: str, flag: str) -> Path:
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"{flag} {path}: no such directory")
+    return p
+
+
+def _free_out(path: str, overwrite: bool) -> Path:
+    p = Path(path)
+    if p.exists() and (not p.is_dir() or any(p.iterdir())) and not overwrite:
+        raise FileExistsError(f"--out {path} exists and is not empty (pass --overwrite to replace it)")
+    return p
+
+
+def _source_dtype(hf_dir: Path) -> str:
+    """The one dtype of the safetensors in `hf_dir` if it is float32 or bfloat16, else float32."""
+    from .safetensors_io import CheckpointReader
+
+    reader = CheckpointReader(hf_dir)
+    names = {reader.info(k)[0].name for k in reader.keys()}
+    if len(names) == 1 and next(iter(names)) in DTYPES:
+        return next(iter(names))
+    if names:
+        _say(f"source tensors have dtypes {sorted(names)}; converting to float32")
+    return "float32"
+
+
+# ------------------------------------------------------------------------ convert
+def convert_hf_to_orbax(args) -> int:
+    from .checkpoint import save_handle
+    from .hf import load_hf
+
+    hf_dir = _existing_dir(args.hf, "--hf")
+    out = _free_out(args.out, args.overwrite)
+    dtype = _source_dtype(hf_dir) if args.dtype == "auto" else args.dtype
+    mesh = _make_mesh(args.mesh)
+    with _Timer(f"loading {hf_dir} as {dtype}"):
+        handle = load_hf(hf_dir, dtype=dtype, mesh=mesh)
+    _say(f"mesh {dict(handle.mesh.shape)}, {_count(handle.params):,} parameters")
+    with _Timer(f"writing orbax checkpoint {out}"):
+        save_handle(out, handle, overwrite=args.overwrite)
+    return 0
+
+
+def convert_orbax_to_hf(args) -> int:
+    from .checkpoint import load_orbax
+    from .hf import save_hf
+
+    ckpt = _existing_dir(args.ckpt, "--ckpt")
+    out = _free_out(args.out, args.overwrite)
+    mesh = _make_mesh(args.mesh)
+    with _Timer(f"restoring {ckpt}"):
+        handle = load_orbax(ckpt, mesh=mesh)
+    _say(f"mesh {dict(handle.mesh.shape)}, {_count(handle.params):,} parameters, dtype {handle.dtype}")
+    with _Timer(f"writing HF safetensors {out}" + (f" as {args.dtype}" if args.dtype else "")):
+        extra = {"dtype": args.dtype} if args.dtype else None
+        save_hf(handle, out, max_shard_bytes=args.max_shard_size, dtype=_np_dtype(args.dtype),
+                overwrite=args.overwrite, extra_config=extra)
+    return 0
+
+
+def _np_dtype(name):
+    if name is None:
+        return None
+    from .hf import np_dtype
+
+    return np_dtype(name)
+
+
+def _count(params) -> int:
+    import jax
+
+    return sum(int(x.size) for x in jax.tree.leaves(params))
+
+
+def add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="convert checkpoints between Hugging Face and orbax",
+                       description="Convert checkpoints between Hugging Face safetensors and orbax.")
+    conv = p.add_subparsers(dest="direction", required=True, metavar="{hf-to-orbax,orbax-to-hf}")
+
+    a = conv.add_parser("hf-to-orbax", help="HF directory (config.json + safetensors) -> orbax checkpoint")
+    a.add_argument("--hf", required=True, metavar="DIR", help="HF model directory")
+    a.add_argument("--out", required=True, metavar="DIR", help="orbax checkpoint directory to create")
+    a.add_argument("--dtype", choices=("auto",) + DTYPES, default="auto",
+                   help="parameter dtype (default: the dtype of the source tensors)")
+    a.add_argument("--mesh", metavar="D,F,T", help="mesh sizes data,fsdp,tensor, one may be -1 (default: one device)")
+    a.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    a.set_defaults(run=convert_hf_to_orbax)
+
+    b = conv.add_parser("orbax-to-hf", help="orbax checkpoint -> HF directory loadable by transformers")
+    b.add_argument("--ckpt", required=True, metavar="DIR", help="orbax checkpoint directory")
+    b.add_argument("--out", required=True, metavar="DIR", help="HF directory to create")
+    b.add_argument("--max-shard-size", type=int, default=5 * 2**30, metavar="BYTES",
+                   help="split safetensors above this size, with an index (default: 5 GiB)")
+    b.add_argument("--dtype", choices=DTYPES, default=None, help="tensor dtype (default: the stored dtype)")
+    b.add_argument("--mesh", metavar="D,F,T", help="mesh to restore onto (default: one device)")
+    b.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    b.set_defaults(run=convert_orbax_to_hf)
+
+
+# verb -> function adding its sub-parser; each sub-parser sets `run(args) -> int`
+VERBS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
+    "convert": add_convert,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Embed-RL in JAX: reasoning-driven multimodal embeddings.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="{" + ",".join(VERBS) + "}")
+    for add in VERBS.values():
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format=f"{PROG}: %(message)s")
+    try:
+        return int(args.run(args) or 0)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
