@@ -63,6 +63,21 @@ def time_it(fn, *, warmup=2, repeats=5, min_seconds=3.0):
     return statistics.median(times)
 
 
+def time_interleaved(fns: dict, *, warmup=2, rounds=7):
+    """Median seconds per call for several functions run in alternation, so that drift in
+    machine speed (shared hosts, frequency changes) hits every contender alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def matmul_peak(n=2048, dtype="float32"):
     """FLOP/s of a jitted jnp.dot on this machine: the practical compute ceiling."""
     import jax
@@ -71,7 +86,7 @@ def matmul_peak(n=2048, dtype="float32"):
     a = jnp.ones((n, n), dtype)
     b = jnp.ones((n, n), dtype)
     f = jax.jit(lambda x, y: x @ y)
-    sec = time_it(lambda: f(a, b).block_until_ready(), min_seconds=2.0)
+    sec = min(time_it(lambda: f(a, b).block_until_ready(), min_seconds=1.0) for _ in range(3))
     return 2 * n**3 / sec
 
 

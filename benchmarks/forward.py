@@ -59,8 +59,8 @@ def main():
     err = float(np.abs(out - ref).max())
 
     peak = common.matmul_peak()
-    t_torch = common.time_it(torch_fwd)
-    t_jax = common.time_it(jax_fwd)
+    times = common.time_interleaved({"torch": torch_fwd, "jax": jax_fwd})
+    t_torch, t_jax = times["torch"], times["jax"]
     tokens = b * seq
     print(f"config: bench_80m ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), batch {b}, "
           f"{args.side}x{args.side} image + {args.text} text tokens = {seq} tokens/sample, float32, "

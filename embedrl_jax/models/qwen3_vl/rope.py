@@ -85,10 +85,10 @@ def rotate_half(x):
 
 
 def apply_rope(x, cos, sin):
-    """x [..., L, N, H]; cos/sin [..., L, H] broadcast over heads; fp32 math."""
+    """x [B, N, L, H] (heads first); cos/sin [B, L, H] broadcast over heads; fp32 math."""
     dtype = x.dtype
     x = x.astype(jnp.float32)
-    cos, sin = cos[..., None, :], sin[..., None, :]
+    cos, sin = cos[:, None], sin[:, None]
     return (x * cos + rotate_half(x) * sin).astype(dtype)
 
 

@@ -1,7 +1,8 @@
 """Qwen3 decoder: RMSNorm, GQA attention with q/k norms and M-RoPE, SwiGLU MLP.
 
 Weights are head-split so that tensor parallelism over heads needs no reshapes:
-q [D, N, H], k/v [D, K, H], o [N, H, D]; einsum letters match the logical names
+q [D, N, H], k/v [D, K, H], o [N, H, D]; activations are heads-first
+[B, N, T, H]; einsum letters match the logical names
 (b batch, t time, d embed, n heads, k kv heads, h head_dim, f mlp).
 """
 from __future__ import annotations
@@ -41,16 +42,16 @@ class DecoderLayer(nnx.Module):
     def project_qkv(self, x, cos, sin):
         dt = x.dtype
         y = rms_norm(x, self.input_norm[...], self.eps)
-        q = jnp.einsum("btd,dnh->btnh", y, self.q[...].astype(dt))
-        k = jnp.einsum("btd,dkh->btkh", y, self.k[...].astype(dt))
-        v = jnp.einsum("btd,dkh->btkh", y, self.v[...].astype(dt))
+        q = jnp.einsum("btd,dnh->bnth", y, self.q[...].astype(dt))
+        k = jnp.einsum("btd,dkh->bkth", y, self.k[...].astype(dt))
+        v = jnp.einsum("btd,dkh->bkth", y, self.v[...].astype(dt))
         q = apply_rope(rms_norm(q, self.q_norm[...], self.eps), cos, sin)
         k = apply_rope(rms_norm(k, self.k_norm[...], self.eps), cos, sin)
         return q, k, v
 
     def finish(self, x, attn_out):
         dt = x.dtype
-        x = x + jnp.einsum("btnh,nhd->btd", attn_out, self.o[...].astype(dt))
+        x = x + jnp.einsum("bnth,nhd->btd", attn_out, self.o[...].astype(dt))
         y = rms_norm(x, self.post_norm[...], self.eps)
         g = jnp.einsum("btd,df->btf", y, self.gate[...].astype(dt))
         u = jnp.einsum("btd,df->btf", y, self.up[...].astype(dt))
@@ -59,11 +60,11 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x, cos, sin, mask):
         q, k, v = self.project_qkv(x, cos, sin)
-        return self.finish(x, attention(q, k, v, mask))
+        return self.finish(x, attention(q, k, v, *mask))
 
 
 def causal_mask(attention_mask):
-    """[B, L] validity -> [B, 1, 1, L, L] causal & key-valid mask."""
-    length = attention_mask.shape[-1]
-    causal = jnp.tril(jnp.ones((length, length), bool))
-    return (causal[None] & (attention_mask[:, None, :] > 0))[:, None, None]
+    """[B, L] validity -> (q_seg, k_seg, q_idx, k_idx) for causal, key-valid attention."""
+    b, length = attention_mask.shape
+    idx = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+    return jnp.zeros((b, length), jnp.int32), jnp.where(attention_mask > 0, 0, -1), idx, idx

@@ -37,15 +37,15 @@ class VisionBlock(nnx.Module):
         self.fc2 = param(rngs, (f, d), ("vision_mlp", "vision_embed"))
         self.fc2_bias = param(rngs, (d,), ("norm",), "zeros")
 
-    def __call__(self, x, cos, sin, mask):
+    def __call__(self, x, cos, sin, segment_ids):
         dt = x.dtype
         y = layer_norm(x, self.norm1_scale[...], self.norm1_bias[...], self.eps)
-        q = jnp.einsum("rsd,dnh->rsnh", y, self.q[...].astype(dt)) + self.q_bias[...].astype(dt)
-        k = jnp.einsum("rsd,dnh->rsnh", y, self.k[...].astype(dt)) + self.k_bias[...].astype(dt)
-        v = jnp.einsum("rsd,dnh->rsnh", y, self.v[...].astype(dt)) + self.v_bias[...].astype(dt)
+        q = jnp.einsum("rsd,dnh->rnsh", y, self.q[...].astype(dt)) + self.q_bias[...][:, None].astype(dt)
+        k = jnp.einsum("rsd,dnh->rnsh", y, self.k[...].astype(dt)) + self.k_bias[...][:, None].astype(dt)
+        v = jnp.einsum("rsd,dnh->rnsh", y, self.v[...].astype(dt)) + self.v_bias[...][:, None].astype(dt)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        a = attention(q, k, v, mask)
-        x = x + jnp.einsum("rsnh,nhd->rsd", a, self.o[...].astype(dt)) + self.o_bias[...].astype(dt)
+        a = attention(q, k, v, segment_ids, segment_ids)
+        x = x + jnp.einsum("rnsh,nhd->rsd", a, self.o[...].astype(dt)) + self.o_bias[...].astype(dt)
         y = layer_norm(x, self.norm2_scale[...], self.norm2_bias[...], self.eps)
         y = jnp.einsum("rsd,df->rsf", y, self.fc1[...].astype(dt)) + self.fc1_bias[...].astype(dt)
         y = jax.nn.gelu(y, approximate=True)  # gelu_pytorch_tanh
@@ -101,11 +101,8 @@ class VisionTower(nnx.Module):
         pos = jnp.einsum("rstd,rst->rsd", table[pos_idx], pos_w)  # 4 bilinear taps
         x = constrain(x + pos.astype(dtype), ("batch", None, None))
         cos, sin = vision_cos_sin(rowcol, cfg.head_dim, cfg.rope_theta)
-        mask = (segment_ids[:, None, :, None] == segment_ids[:, None, None, :]) & (segment_ids >= 0)[:, None, None, :]
-        mask = mask[:, None]  # [R, 1(kv), 1(g), S, S]
-
         def body(block, h, _):
-            return block(h, cos, sin, mask)
+            return block(h, cos, sin, segment_ids)
 
         # DeepStack taps split the depth into segments; each segment is one scan.
         taps = list(cfg.deepstack_visual_indexes)
