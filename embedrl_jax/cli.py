@@ -159,9 +159,36 @@ def add_convert(sub) -> None:
     b.set_defaults(run=convert_orbax_to_hf)
 
 
+# ------------------------------------------------------------------------ selfcheck
+def run_selfcheck(args) -> int:
+    import os
+
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        # a CPU-only machine still gets a real 8-device mesh (no effect on accelerators)
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+    from .selfcheck import run
+
+    if args.hf is not None:
+        _existing_dir(args.hf, "--hf")
+    report = run(args.workdir, hf=args.hf, mesh=_make_mesh(args.mesh), tol=args.tol)
+    return 0 if report["ok"] else 1
+
+
+def add_selfcheck(sub) -> None:
+    p = sub.add_parser("selfcheck", help="convert HF<->orbax and check logits against transformers",
+                       description="Round-trip a Qwen3-VL checkpoint through orbax and check JAX logits against "
+                                   "transformers (tiny random model by default, fully offline).")
+    p.add_argument("--workdir", default="runs/selfcheck", metavar="DIR", help="where to write (default: runs/selfcheck)")
+    p.add_argument("--hf", metavar="DIR", help="a real HF Qwen3-VL directory (default: a tiny random model)")
+    p.add_argument("--mesh", metavar="D,F,T", help="mesh for the sharded check (default: all devices on fsdp)")
+    p.add_argument("--tol", type=float, default=1e-4, help="max |logit difference| allowed (default 1e-4)")
+    p.set_defaults(run=run_selfcheck)
+
+
 # verb -> function adding its sub-parser; each sub-parser sets `run(args) -> int`
 VERBS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "convert": add_convert,
+    "selfcheck": add_selfcheck,
 }
 
 

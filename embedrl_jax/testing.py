@@ -5,6 +5,23 @@ import numpy as np
 
 IMAGE_ID, VIDEO_ID, VSTART, VEND = 5, 6, 3, 4
 VOCAB = 306
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+            "<|image_pad|>", "<|video_pad|>"]
+TOKENIZER_TEXTS = ["a small test sentence", "the quick brown fox jumps over the lazy dog",
+                   "retrieval with reasoning", "an image of an astronaut"]
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB - 10, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(TOKENIZER_TEXTS * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
 
 
 def tiny_hf_config(tie=False, deepstack=(0, 1), text_layers=2, vision_depth=2):
@@ -63,7 +80,7 @@ def real_image(name="astronaut", size=None):
     return img
 
 
-def build_inputs(samples, processor=None, *, padding_side="right", rng=None):
+def build_inputs(samples, processor=None, *, padding_side="right", rng=None, token_ids=None, vocab=VOCAB):
     """samples: list of lists of segments: int (text length), ("image", PIL) or ("video", [PIL...]).
 
     Follows the offline processor recipe: one vision_start/pad/vision_end per image, the
@@ -71,18 +88,26 @@ def build_inputs(samples, processor=None, *, padding_side="right", rng=None):
     """
     processor = processor or image_processor()
     rng = rng or np.random.default_rng(0)
+    ids_ = token_ids or dict(image=IMAGE_ID, video=VIDEO_ID, start=VSTART, end=VEND)
+    image_id, video_id, vstart, vend = ids_["image"], ids_["video"], ids_["start"], ids_["end"]
+    high = min(vocab, 150_000)  # stay below real checkpoints' special-token block
+
+    def text(n):
+        out = rng.integers(10, high, size=n)
+        return [int(x) for x in out if x not in (image_id, video_id, vstart, vend)] + [10] * int(
+            np.isin(out, [image_id, video_id, vstart, vend]).sum())
     rows, pix, grids, vpix, vgrids = [], [], [], [], []
     for segs in samples:
         ids = []
         for seg in segs:
             if isinstance(seg, int):
-                ids += list(rng.integers(10, VOCAB, size=seg))
+                ids += text(seg)
             elif seg[0] == "image":
                 out = processor(images=[seg[1]], return_tensors="np")
                 g = out["image_grid_thw"][0]
                 pix.append(out["pixel_values"])
                 grids.append(g)
-                ids += [VSTART] + [IMAGE_ID] * (int(np.prod(g)) // 4) + [VEND]
+                ids += [vstart] + [image_id] * (int(np.prod(g)) // 4) + [vend]
             elif seg[0] == "video":
                 frames = seg[1]
                 per = [processor(images=[f], return_tensors="np") for f in frames]
@@ -97,8 +122,8 @@ def build_inputs(samples, processor=None, *, padding_side="right", rng=None):
                 vpix.append(np.concatenate(pv))
                 vgrids.append(np.array([t, g0[1], g0[2]]))
                 for k in range(t):
-                    ids += list(rng.integers(10, VOCAB, size=3))  # timestamp text
-                    ids += [VSTART] + [VIDEO_ID] * (int(g0[1] * g0[2]) // 4) + [VEND]
+                    ids += text(3)  # timestamp text
+                    ids += [vstart] + [video_id] * (int(g0[1] * g0[2]) // 4) + [vend]
         rows.append(ids)
     length = max(map(len, rows))
     input_ids = np.zeros((len(rows), length), np.int64)
@@ -111,7 +136,7 @@ def build_inputs(samples, processor=None, *, padding_side="right", rng=None):
             input_ids[i, length - len(ids):] = ids
             mask[i, length - len(ids):] = 1
     out = dict(input_ids=input_ids, attention_mask=mask)
-    out["mm_token_type_ids"] = ((input_ids == IMAGE_ID) + 2 * (input_ids == VIDEO_ID)).astype(np.int64)
+    out["mm_token_type_ids"] = ((input_ids == image_id) + 2 * (input_ids == video_id)).astype(np.int64)
     if pix:
         out["pixel_values"] = np.concatenate(pix).astype(np.float32)
         out["image_grid_thw"] = np.stack(grids).astype(np.int64)

@@ -13,25 +13,7 @@ from embedrl_jax.config import apply_overrides, load_config, to_dict
 from embedrl_jax.hf import param_shardings
 from embedrl_jax.models.qwen3_vl.mapping import get_path
 from embedrl_jax.sharding import MeshConfig, make_mesh
-from tiny import IMAGE_ID, VEND, VIDEO_ID, VSTART, VOCAB, tiny_hf_model
-
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-            "<|image_pad|>", "<|video_pad|>"]
-TEXTS = ["a small test sentence", "the quick brown fox jumps over the lazy dog",
-         "retrieval with reasoning", "an image of an astronaut"]
-
-
-def tiny_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB - 10, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(TEXTS * 4, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+from tiny import IMAGE_ID, VEND, VIDEO_ID, VSTART, VOCAB, tiny_hf_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

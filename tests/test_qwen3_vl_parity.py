@@ -135,3 +135,14 @@ def test_bfloat16_forward_close_to_float32(pair):
     scale = np.abs(out32).max()
     assert np.abs(out16 - out32).max() <= 0.05 * scale
     assert (out16.argmax(-1) == out32.argmax(-1)).mean() >= 0.9
+
+
+def test_bucket_rule():
+    from embedrl_jax.models.qwen3_vl.inputs import Buckets, bucket
+
+    assert [bucket(n) for n in (5, 16, 17, 326, 784, 3000, 8193)] == [16, 16, 24, 336, 800, 3072, 8704]
+    b = Buckets()
+    assert [b.rows(n) for n in (1, 3, 4, 17, 40)] == [1, 3, 4, 17, 40]
+    assert b.rows(70) == 72 and b.patches(10) == 64
+    for n in range(1, 5000, 7):
+        assert n <= bucket(n) <= max(16, n * 1.0625 + 8)

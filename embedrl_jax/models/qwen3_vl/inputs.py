@@ -1,7 +1,8 @@
 """Host-side packing of transformers-named inputs into static-shape model arrays.
 
 Bucketing rule (one rule for sequence length, patch-row length and row count):
-    bucket(n) = n rounded up to a multiple of max(2**(floor(log2 n) - 4), 8), and at least `minimum`.
+    bucket(n) = n rounded up to a multiple of max(2**(floor(log2 n) - 4), granule), and at least
+    `minimum` (granule 8 for tokens and patches, 1 for the count of patch rows).
 So every octave has 16 buckets, padding wastes at most 6.25 %, and a jitted forward
 compiles once per bucket instead of once per image size or prompt length (e.g. 326
 tokens -> 336, 784 patches -> 800, 3000 patches -> 3072).
@@ -34,12 +35,12 @@ HF_INPUT_NAMES = (
 )
 
 
-def bucket(n: int, minimum: int = 16) -> int:
+def bucket(n: int, minimum: int = 16, granule: int = 8) -> int:
     """Round n up to the next bucket (16 per octave, >= minimum)."""
     n = max(int(n), 1)
     if n <= minimum:
         return minimum
-    step = max(2 ** max(n.bit_length() - 1 - 4, 0), 8)
+    step = max(2 ** max(n.bit_length() - 1 - 4, 0), granule)
     return int(math.ceil(n / step) * step)
 
 
@@ -59,7 +60,7 @@ class Buckets:
         return n if self.exact else bucket(n, self.patch_min)
 
     def rows(self, n):
-        return n if self.exact else bucket(n, self.rows_min)
+        return n if self.exact else bucket(n, self.rows_min, granule=1)
 
 
 # ------------------------------------------------------------------ vision host helpers
