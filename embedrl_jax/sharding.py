@@ -34,6 +34,7 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("patch", None),
     ("positions", None),
     ("layers", None),
+    ("lora", None),
     ("norm", None),
 )
 

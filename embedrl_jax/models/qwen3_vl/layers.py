@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+
+from ...lora import LORA_A, LORA_B, adapter_shapes, lora_einsum
 
 NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -19,6 +22,27 @@ def param(rngs: nnx.Rngs, shape, names, init: str = "normal", scale: float = 0.0
     else:
         raise ValueError(f"unknown init {init!r}")
     return nnx.Param(value, out_sharding=tuple(names))
+
+
+def linear_param(module, rngs, name, shape, names, eq, lora, path):
+    """A linear weight `name` used as einsum(eq, x, w), with LoRA adapters when `path/name` is targeted."""
+    setattr(module, name, param(rngs, shape, names))
+    if lora is not None and lora.matches(f"{path}/{name}"):
+        (a_shape, a_names), (b_shape, b_names) = adapter_shapes(eq, shape, names, lora.rank)
+        fan_in = int(np.prod(a_shape[:-1]))
+        setattr(module, name + LORA_A, param(rngs, a_shape, a_names, "normal", scale=fan_in**-0.5))
+        setattr(module, name + LORA_B, param(rngs, b_shape, b_names, "zeros"))
+
+
+def linear(module, name, eq, x, rng=None):
+    """einsum(eq, x, module.<name>) plus its LoRA path when the module has adapters."""
+    a = getattr(module, name + LORA_A, None)
+    b = getattr(module, name + LORA_B, None)
+    lora = module.lora
+    return lora_einsum(
+        eq, x, getattr(module, name)[...], None if a is None else a[...], None if b is None else b[...],
+        scale=lora.scale if lora else 0.0, dropout=lora.dropout if lora else 0.0, rng=rng, name=name,
+    )
 
 
 def stacked(n: int, make, rngs: nnx.Rngs):

@@ -13,39 +13,41 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ... import lora as lora_lib
+from ...lora import LoraConfig
 from ...sharding import constrain
 from .config import Qwen3VLConfig
 from .layers import param, rms_norm, scan_layers, stacked
 from .rope import mrope_cos_sin
 from .text import DecoderLayer, causal_mask
-from .vision import VisionTower
+from .vision import PatchMerger, VisionBlock, VisionTower
 
 Params = dict[str, Any]
 
 
 class Qwen3VL(nnx.Module):
-    def __init__(self, cfg: Qwen3VLConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: Qwen3VLConfig, rngs: nnx.Rngs, lora: LoraConfig | None = None):
         t = cfg.text
         self.cfg = cfg
-        self.visual = VisionTower(cfg.vision, rngs)
+        self.visual = VisionTower(cfg.vision, rngs, lora)
         self.embed = param(rngs, (t.vocab_size, t.hidden_size), ("vocab", "embed"))
-        self.layers = stacked(t.num_hidden_layers, lambda r: DecoderLayer(t, r), rngs)
+        self.layers = stacked(t.num_hidden_layers, lambda r: DecoderLayer(t, r, lora), rngs)
         self.norm = param(rngs, (t.hidden_size,), ("norm",), "ones")
         self.lm_head = None if cfg.tie_word_embeddings else param(rngs, (t.hidden_size, t.vocab_size), ("embed", "vocab"))
 
     # ------------------------------------------------------------------ pieces
-    def vision_features(self, batch, dtype, remat=False):
+    def vision_features(self, batch, dtype, remat=False, rng=None):
         return self.visual(
             batch["patches"], batch["segment_ids"], batch["pos_idx"], batch["pos_w"], batch["rowcol"],
-            dtype=dtype, remat=remat,
+            dtype=dtype, remat=remat, rng=rng,
         )
 
-    def embed_inputs(self, batch, dtype, remat=False):
+    def embed_inputs(self, batch, dtype, remat=False, rng=None):
         """Token embeddings with visual features scattered in, plus DeepStack slabs [K, B, L, D]."""
         x = jnp.take(self.embed[...], batch["input_ids"], axis=0).astype(dtype)
         deep = None
         if "patches" in batch:
-            merged, ds = self.vision_features(batch, dtype, remat)
+            merged, ds = self.vision_features(batch, dtype, remat, None if rng is None else jax.random.fold_in(rng, 1))
             index = batch["visual_index"]
             is_visual = (index >= 0)[..., None]
             safe = jnp.maximum(index, 0)
@@ -54,11 +56,11 @@ class Qwen3VL(nnx.Module):
                 deep = jnp.where(is_visual[None], jnp.take(ds, safe, axis=1).astype(dtype), 0)
         return constrain(x, ("batch", "seq", None)), deep
 
-    def decode_layers(self, x, cos, sin, mask, deep, remat=False):
+    def decode_layers(self, x, cos, sin, mask, deep, remat=False, rng=None):
         n_deep = 0 if deep is None else deep.shape[0]
 
         def body(layer, h, i):
-            h = layer(h, cos, sin, mask)
+            h = layer(h, cos, sin, mask, None if rng is None else jax.random.fold_in(rng, i))
             if n_deep:
                 slab = jax.lax.dynamic_index_in_dim(deep, jnp.minimum(i, n_deep - 1), keepdims=False)
                 h = h + jnp.where(i < n_deep, slab, jnp.zeros_like(slab))
@@ -66,13 +68,14 @@ class Qwen3VL(nnx.Module):
 
         return scan_layers(self.layers, body, x, jnp.arange(self.cfg.text.num_hidden_layers), remat=remat)
 
-    def __call__(self, batch, *, dtype=jnp.float32, remat=False):
-        """Final-norm hidden states [B, L, D]."""
+    def __call__(self, batch, *, dtype=jnp.float32, remat=False, rng=None):
+        """Final-norm hidden states [B, L, D]; `rng` enables LoRA dropout (training)."""
         t = self.cfg.text
-        x, deep = self.embed_inputs(batch, dtype, remat)
+        x, deep = self.embed_inputs(batch, dtype, remat, rng)
         cos, sin = mrope_cos_sin(batch["positions"], t.head_dim, t.rope_theta, t.mrope_section)
         mask = causal_mask(batch["attention_mask"])
-        x = self.decode_layers(x, cos.astype(dtype), sin.astype(dtype), mask, deep, remat)
+        text_rng = None if rng is None else jax.random.fold_in(rng, 2)
+        x = self.decode_layers(x, cos.astype(dtype), sin.astype(dtype), mask, deep, remat, text_rng)
         return rms_norm(x, self.norm[...], t.rms_norm_eps)
 
     def head_kernel(self):
@@ -93,14 +96,15 @@ class ModelDef:
     config: Qwen3VLConfig
     graphdef: Any
     abstract_state: Any = dataclasses.field(compare=False, hash=False, repr=False)
+    lora: LoraConfig | None = None
 
     def module(self, params: Params) -> Qwen3VL:
         state = jax.tree.map(lambda x: x, self.abstract_state)
         nnx.replace_by_pure_dict(state, params)
         return nnx.merge(self.graphdef, state)
 
-    def hidden(self, params: Params, batch, *, dtype=jnp.float32, remat=False):
-        return self.module(params)(batch, dtype=dtype, remat=remat)
+    def hidden(self, params: Params, batch, *, dtype=jnp.float32, remat=False, rng=None):
+        return self.module(params)(batch, dtype=dtype, remat=remat, rng=rng)
 
     def logits(self, params: Params, batch, *, dtype=jnp.float32, remat=False):
         model = self.module(params)
@@ -119,12 +123,27 @@ class ModelDef:
         return jax.tree.map(lambda s: tuple(s), nnx.to_pure_dict(specs), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
 
 
-def model_def(cfg: Qwen3VLConfig) -> ModelDef:
+    def linear_eqs(self) -> dict[str, str]:
+        """Param path of every linear weight -> the einsum it is used with (for LoRA merging)."""
+        eqs = {f"layers/{k}": v for k, v in DecoderLayer.EQS.items()}
+        eqs.update({f"visual/blocks/{k}": v for k, v in VisionBlock.EQS.items()})
+        for where in ("merger", "deepstack"):
+            eqs.update({f"visual/{where}/{k}": v for k, v in PatchMerger.EQS.items()})
+        return eqs
+
+    def merged(self, params: Params) -> tuple["ModelDef", Params]:
+        """The plain model and params with every LoRA adapter folded into its weight."""
+        if self.lora is None:
+            return self, params
+        return model_def(self.config), lora_lib.merge(params, self.lora, self.linear_eqs())
+
+
+def model_def(cfg: Qwen3VLConfig, lora: LoraConfig | None = None) -> ModelDef:
     """Abstract model: nothing is allocated, so this is cheap for any size."""
     with nnx.use_eager_sharding(False):
-        abstract = nnx.eval_shape(lambda: Qwen3VL(cfg, nnx.Rngs(0)))
+        abstract = nnx.eval_shape(lambda: Qwen3VL(cfg, nnx.Rngs(0), lora))
     graphdef, state = nnx.split(abstract, nnx.Param)
-    return ModelDef(cfg, graphdef, state)
+    return ModelDef(cfg, graphdef, state, lora)
 
 
 def init_params(mdef: ModelDef, key, shardings=None) -> Params:
@@ -132,7 +151,22 @@ def init_params(mdef: ModelDef, key, shardings=None) -> Params:
 
     def make(k):
         with nnx.use_eager_sharding(False):
-            model = Qwen3VL(mdef.config, nnx.Rngs(k))
+            model = Qwen3VL(mdef.config, nnx.Rngs(k), mdef.lora)
         return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
+    return jax.jit(make, out_shardings=shardings)(key)
+
+
+def init_adapters(mdef: ModelDef, key, shardings=None) -> Params:
+    """Fresh LoRA adapters only (B = 0); the base initialisers are dead code and compiled away."""
+    if mdef.lora is None:
+        raise ValueError("init_adapters needs a ModelDef built with a LoraConfig")
+
+    def make(k):
+        with nnx.use_eager_sharding(False):
+            model = Qwen3VL(mdef.config, nnx.Rngs(k), mdef.lora)
+        return lora_lib.split(nnx.to_pure_dict(nnx.state(model, nnx.Param)))[0]
+
+    if shardings is not None:
+        shardings = lora_lib.split(shardings)[0]
     return jax.jit(make, out_shardings=shardings)(key)

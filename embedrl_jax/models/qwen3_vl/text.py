@@ -13,12 +13,17 @@ from flax import nnx
 
 from ...sharding import constrain
 from .config import TextConfig
-from .layers import attention, param, rms_norm
+from .layers import attention, linear, linear_param, param, rms_norm
 from .rope import apply_rope
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: TextConfig, rngs: nnx.Rngs):
+    EQS = {
+        "q": "btd,dnh->bnth", "k": "btd,dkh->bkth", "v": "btd,dkh->bkth", "o": "bnth,nhd->btd",
+        "gate": "btd,df->btf", "up": "btd,df->btf", "down": "btf,fd->btd",
+    }
+
+    def __init__(self, cfg: TextConfig, rngs: nnx.Rngs, lora=None):
         d, n, k, h, f = (
             cfg.hidden_size,
             cfg.num_attention_heads,
@@ -27,40 +32,39 @@ class DecoderLayer(nnx.Module):
             cfg.intermediate_size,
         )
         self.eps = cfg.rms_norm_eps
+        self.lora = lora
+        path = "layers"
         self.input_norm = param(rngs, (d,), ("norm",), "ones")
-        self.q = param(rngs, (d, n, h), ("embed", "heads", "head_dim"))
-        self.k = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"))
-        self.v = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"))
-        self.o = param(rngs, (n, h, d), ("heads", "head_dim", "embed"))
+        linear_param(self, rngs, "q", (d, n, h), ("embed", "heads", "head_dim"), self.EQS["q"], lora, path)
+        linear_param(self, rngs, "k", (d, k, h), ("embed", "kv_heads", "head_dim"), self.EQS["k"], lora, path)
+        linear_param(self, rngs, "v", (d, k, h), ("embed", "kv_heads", "head_dim"), self.EQS["v"], lora, path)
+        linear_param(self, rngs, "o", (n, h, d), ("heads", "head_dim", "embed"), self.EQS["o"], lora, path)
         self.q_norm = param(rngs, (h,), ("norm",), "ones")
         self.k_norm = param(rngs, (h,), ("norm",), "ones")
         self.post_norm = param(rngs, (d,), ("norm",), "ones")
-        self.gate = param(rngs, (d, f), ("embed", "mlp"))
-        self.up = param(rngs, (d, f), ("embed", "mlp"))
-        self.down = param(rngs, (f, d), ("mlp", "embed"))
+        linear_param(self, rngs, "gate", (d, f), ("embed", "mlp"), self.EQS["gate"], lora, path)
+        linear_param(self, rngs, "up", (d, f), ("embed", "mlp"), self.EQS["up"], lora, path)
+        linear_param(self, rngs, "down", (f, d), ("mlp", "embed"), self.EQS["down"], lora, path)
 
-    def project_qkv(self, x, cos, sin):
-        dt = x.dtype
+    def _lin(self, name, x, rng):
+        return linear(self, name, self.EQS[name], x, rng)
+
+    def project_qkv(self, x, cos, sin, rng=None):
         y = rms_norm(x, self.input_norm[...], self.eps)
-        q = jnp.einsum("btd,dnh->bnth", y, self.q[...].astype(dt))
-        k = jnp.einsum("btd,dkh->bkth", y, self.k[...].astype(dt))
-        v = jnp.einsum("btd,dkh->bkth", y, self.v[...].astype(dt))
+        q, k, v = (self._lin(n, y, rng) for n in ("q", "k", "v"))
         q = apply_rope(rms_norm(q, self.q_norm[...], self.eps), cos, sin)
         k = apply_rope(rms_norm(k, self.k_norm[...], self.eps), cos, sin)
         return q, k, v
 
-    def finish(self, x, attn_out):
-        dt = x.dtype
-        x = x + jnp.einsum("bnth,nhd->btd", attn_out, self.o[...].astype(dt))
+    def finish(self, x, attn_out, rng=None):
+        x = x + self._lin("o", attn_out, rng)
         y = rms_norm(x, self.post_norm[...], self.eps)
-        g = jnp.einsum("btd,df->btf", y, self.gate[...].astype(dt))
-        u = jnp.einsum("btd,df->btf", y, self.up[...].astype(dt))
-        y = jnp.einsum("btf,fd->btd", jax.nn.silu(g) * u, self.down[...].astype(dt))
+        y = self._lin("down", jax.nn.silu(self._lin("gate", y, rng)) * self._lin("up", y, rng), rng)
         return constrain(x + y, ("batch", "seq", None))
 
-    def __call__(self, x, cos, sin, mask):
-        q, k, v = self.project_qkv(x, cos, sin)
-        return self.finish(x, attention(q, k, v, *mask))
+    def __call__(self, x, cos, sin, mask, rng=None):
+        q, k, v = self.project_qkv(x, cos, sin, rng)
+        return self.finish(x, attention(q, k, v, *mask), rng)
 
 
 def causal_mask(attention_mask):

@@ -1,0 +1,76 @@
+"""LoRA adapters: targets by path pattern, zero-init identity, dropout, merging for export."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import embedrl_jax
+from embedrl_jax import lora
+from embedrl_jax.lora import LoraConfig
+from embedrl_jax.models.qwen3_vl.model import init_adapters, model_def
+from tiny import build_inputs, real_image, tiny_hf_model
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf")
+    tiny_hf_model().save_pretrained(path)
+    handle = embedrl_jax.load_hf(path)
+    cfg = LoraConfig(rank=4, alpha=8.0, dropout=0.1)
+    mdef = model_def(handle.model_config, cfg)
+    adapters = init_adapters(mdef, jax.random.key(0))
+    inputs = build_inputs([[5, ("image", real_image("astronaut", (96, 64))), 4], [9]])
+    batch, _ = handle.prepare(**inputs)
+    return handle, mdef, adapters, batch
+
+
+def _paths(tree):
+    return {"/".join(str(k.key) for k in p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_targets_follow_the_patterns(setup):
+    _, mdef, adapters, _ = setup
+    paths = _paths(adapters)
+    weights = {p.rsplit("_lora_", 1)[0] for p in paths}
+    assert weights == {
+        *(f"layers/{n}" for n in ("q", "k", "v", "o", "gate", "up", "down")),
+        *(f"visual/blocks/{n}" for n in ("q", "k", "v", "o", "fc1", "fc2")),
+        "visual/merger/fc1", "visual/merger/fc2", "visual/deepstack/fc1", "visual/deepstack/fc2",
+    }
+    assert not any(p.startswith(("embed", "lm_head", "visual/patch", "visual/pos")) for p in weights)
+    assert adapters["layers"]["q_lora_a"].shape == (2, 64, 4)  # [layers, embed, rank]
+    assert adapters["layers"]["q_lora_b"].shape == (2, 4, 4, 16)  # [layers, rank, heads, head_dim]
+    only_text = model_def(mdef.config, LoraConfig(rank=2, targets=(r"^layers/(q|v)$",)))
+    assert {p.rsplit("_lora_", 1)[0] for p in _paths(init_adapters(only_text, jax.random.key(1)))} == {"layers/q", "layers/v"}
+
+
+def test_fresh_adapters_are_the_identity_and_merge_reproduces_lora(setup):
+    handle, mdef, adapters, batch = setup
+    params = lora.combine(adapters, handle.params)
+    base_hidden = jax.jit(handle.model_def.hidden)(handle.params, batch)
+    fresh = jax.jit(mdef.hidden)(params, batch)
+    np.testing.assert_allclose(fresh, base_hidden, atol=1e-6)
+    # train-like adapters: random B
+    keys = iter(jax.random.split(jax.random.key(2), 100))
+    trained = jax.tree_util.tree_map_with_path(
+        lambda p, x: 0.05 * jax.random.normal(next(keys), x.shape) if str(p[-1].key).endswith("_lora_b") else x, params)
+    lora_hidden = jax.jit(mdef.hidden)(trained, batch)
+    assert np.abs(lora_hidden - base_hidden).max() > 1e-3  # adapters matter
+    merged_def, merged = mdef.merged(trained)
+    assert not lora.has_adapters(merged)
+    np.testing.assert_allclose(jax.jit(merged_def.hidden)(merged, batch), lora_hidden, atol=1e-5)
+    # dropout only with an rng, and reproducible for a given key
+    h1 = jax.jit(mdef.hidden)(trained, batch, rng=jax.random.key(3))
+    h2 = jax.jit(mdef.hidden)(trained, batch, rng=jax.random.key(3))
+    np.testing.assert_array_equal(h1, h2)
+    assert np.abs(h1 - lora_hidden).max() > 1e-4
+
+
+def test_split_and_count(setup):
+    handle, mdef, adapters, _ = setup
+    params = lora.combine(adapters, handle.params)
+    ada, base = lora.split(params)
+    assert lora.count(params)[1] == sum(x.size for x in jax.tree.leaves(handle.params))
+    assert lora.count(params)[0] == sum(x.size for x in jax.tree.leaves(adapters)) > 0
+    assert jax.tree.structure(lora.combine(ada, base)) == jax.tree.structure(params)
+    assert jax.tree.structure(base) == jax.tree.structure(handle.params)
