@@ -185,10 +185,56 @@ def add_selfcheck(sub) -> None:
     p.set_defaults(run=run_selfcheck)
 
 
+# ------------------------------------------------------------------------ train-embedder
+def run_train_embedder(args) -> int:
+    import json
+
+    from .config import apply_overrides, load_config, to_dict
+    from .train.embedder import EmbedderTrainConfig, EmbedderTrainer
+
+    cfg = load_config(args.config, EmbedderTrainConfig)
+    overrides = list(args.overrides)
+    if args.steps is not None:
+        overrides.append(f"steps={args.steps}")
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    cfg = apply_overrides(cfg, overrides)
+    _say(f"config: {json.dumps(to_dict(cfg))}")
+    with _Timer("building model, data and the jitted step"):
+        trainer = EmbedderTrainer(cfg, args.workdir)
+    if any(trainer.skipped.values()):
+        _say(f"skipped bad records: {trainer.skipped}")
+    with _Timer(f"training to step {cfg.steps}"):
+        last = trainer.run()
+    _say("last step: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in last.items()))
+    if not args.no_export:
+        with _Timer(f"exporting the merged Embedder to {Path(args.workdir) / 'export'}"):
+            trainer.export(Path(args.workdir) / "export", overwrite=True)
+    return 0
+
+
+def _add_train_args(p, default_config):
+    p.add_argument("--config", default=default_config, help=f"JSON config file or preset name (default {default_config})")
+    p.add_argument("--workdir", required=True, metavar="DIR", help="checkpoints, metrics.jsonl and exports go here; "
+                   "an existing run in DIR is resumed")
+    p.add_argument("--steps", type=int, help="train until this step")
+    p.add_argument("--seed", type=int, help="random seed (data order, adapters, dropout)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. optim.lr=1e-4")
+
+
+def add_train_embedder(sub) -> None:
+    p = sub.add_parser("train-embedder", help="contrastive (InfoNCE) training of the Embedder",
+                       description="LoRA contrastive training of the Embedder with GradCache InfoNCE on one mesh.")
+    _add_train_args(p, "configs/toy_embedder.json")
+    p.add_argument("--no-export", action="store_true", help="skip writing the merged HF model to WORKDIR/export")
+    p.set_defaults(run=run_train_embedder)
+
+
 # verb -> function adding its sub-parser; each sub-parser sets `run(args) -> int`
 VERBS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "convert": add_convert,
     "selfcheck": add_selfcheck,
+    "train-embedder": add_train_embedder,
 }
 
 
@@ -206,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format=f"{PROG}: %(message)s")
     try:
         return int(args.run(args) or 0)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, TypeError, KeyError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

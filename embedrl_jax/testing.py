@@ -11,25 +11,25 @@ TOKENIZER_TEXTS = ["a small test sentence", "the quick brown fox jumps over the 
                    "retrieval with reasoning", "an image of an astronaut"]
 
 
-def tiny_tokenizer():
+def tiny_tokenizer(texts=None, vocab_size=VOCAB - 10):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB - 10, special_tokens=SPECIALS,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(TOKENIZER_TEXTS * 4, trainer)
+    tok.train_from_iterator(list(texts or TOKENIZER_TEXTS) * 4, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
 
 
-def tiny_hf_config(tie=False, deepstack=(0, 1), text_layers=2, vision_depth=2):
+def tiny_hf_config(tie=False, deepstack=(0, 1), text_layers=2, vision_depth=2, vocab=VOCAB):
     from transformers import Qwen3VLConfig
 
     return Qwen3VLConfig(
         text_config=dict(
-            vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers,
+            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
             rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [4, 2, 2], "mrope_interleaved": True},
             tie_word_embeddings=tie,

@@ -121,13 +121,49 @@ def _check_grid(name: str, grid, pixels, patch_dim: int, merge: int):
     return grid, pixels
 
 
-def pack_vision(cfg: Qwen3VLConfig, frames: list[tuple[np.ndarray, int, int]], buckets: Buckets):
-    """Pack frames [(patches (h*w, C), h, w), ...] into rows; returns arrays and the merged index of each frame."""
+def frame_patch_counts(image_grid_thw=None, video_grid_thw=None, **_) -> list[int]:
+    """Patches per attention segment (one per image frame / video frame group), in packing order."""
+    sizes = []
+    for grid in (image_grid_thw, video_grid_thw):
+        if grid is not None:
+            for t, h, w in np.asarray(grid).reshape(-1, 3):
+                sizes += [int(h * w)] * int(t)
+    return sizes
+
+
+def pack_chunks(cfg: Qwen3VLConfig, batches: list[dict], buckets: Buckets = Buckets()) -> dict[str, np.ndarray]:
+    """Several transformers-named batches packed to one shape and stacked on a leading chunk axis."""
+    seq = max(buckets.seq(np.asarray(b["input_ids"]).shape[1]) for b in batches)
+    shapes = [vision_shape(cfg, s, buckets) for s in (frame_patch_counts(**b) for b in batches) if s]
+    vision = (max(r for r, _ in shapes), max(n for _, n in shapes)) if shapes else None
+    packed = [pack_inputs(cfg, **b, buckets=buckets, pad_to=seq, vision=vision)[0] for b in batches]
+    return {k: np.stack([p[k] for p in packed]) for k in packed[0]}
+
+
+def vision_shape(cfg: Qwen3VLConfig, frame_sizes: list[int], buckets: Buckets) -> tuple[int, int]:
+    """(rows, row_len) that `pack_vision` would use for frames of these patch counts."""
+    unit = cfg.vision.merge_unit
+    row_len = int(math.ceil(buckets.patches(max(frame_sizes)) / unit) * unit)
+    rows, offset = 1, 0
+    for n in frame_sizes:
+        if offset + n > row_len:
+            rows, offset = rows + 1, 0
+        offset += n
+    return buckets.rows(rows), row_len
+
+
+def pack_vision(cfg: Qwen3VLConfig, frames: list[tuple[np.ndarray, int, int]], buckets: Buckets,
+                shape: tuple[int, int] | None = None):
+    """Pack frames [(patches (h*w, C), h, w), ...] into rows; returns arrays and the merged index of each frame.
+
+    `shape` forces (rows, row_len), e.g. to give several chunks of a step one shape.
+    """
     v = cfg.vision
     unit = v.merge_unit
-    longest = max(p.shape[0] for p, _, _ in frames)
-    row_len = buckets.patches(longest)
-    row_len = int(math.ceil(row_len / unit) * unit)
+    natural = vision_shape(cfg, [p.shape[0] for p, _, _ in frames], buckets) if frames else (1, unit)
+    rows, row_len = shape or natural
+    if shape is not None and (row_len < natural[1] or row_len % unit):
+        raise ValueError(f"forced patch-row length {row_len} cannot hold these frames (needs {natural[1]})")
     placements = []
     row, offset = 0, 0
     for p, _, _ in frames:
@@ -136,7 +172,8 @@ def pack_vision(cfg: Qwen3VLConfig, frames: list[tuple[np.ndarray, int, int]], b
             row, offset = row + 1, 0
         placements.append((row, offset))
         offset += n
-    rows = buckets.rows(row + 1)
+    if frames and row + 1 > rows:
+        raise ValueError(f"frames need {row + 1} patch rows, more than the forced {rows}")
     patches = np.zeros((rows, row_len, v.patch_dim), np.float32)
     segment = np.full((rows, row_len), -1, np.int32)
     pos_idx = np.zeros((rows, row_len, 4), np.int32)
@@ -172,10 +209,13 @@ def pack_inputs(
     position_ids=None,
     buckets: Buckets = Buckets(),
     pad_to: int | None = None,
+    vision: tuple[int, int] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict]:
     """transformers-named numpy inputs -> (static model arrays, host info).
 
-    Validates every cross-field invariant and names the field that breaks it.
+    Validates every cross-field invariant and names the field that breaks it. `pad_to` and
+    `vision=(rows, row_len)` force the padded shapes (vision arrays are then present even
+    for a text-only batch), so that several batches can share one compiled step.
     """
     input_ids = np.asarray(input_ids)
     if input_ids.ndim != 2:
@@ -255,9 +295,9 @@ def pack_inputs(
     )
     visual_index = np.full((b, seq), -1, np.int32)
     visual_rows = np.zeros(0, np.int64)
-    if frames:
-        vision, merged_index = pack_vision(cfg, frames, buckets)
-        arrays.update(vision)
+    if frames or vision is not None:
+        packed, merged_index = pack_vision(cfg, frames, buckets, vision)
+        arrays.update(packed)
         n_img_frames = sum(int(t) for t, _, _ in np.asarray(image_grid_thw).reshape(-1, 3)) if image_grid_thw is not None else 0
         img_rows = np.concatenate(merged_index[:n_img_frames]) if n_img_frames else np.zeros(0, np.int64)
         vid_rows = np.concatenate(merged_index[n_img_frames:]) if len(merged_index) > n_img_frames else np.zeros(0, np.int64)

@@ -1,0 +1,1 @@
+"""Training: optimizer and state, checkpoints, metrics, and the trainers."""
