@@ -11,3 +11,10 @@ import jax  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 assert jax.device_count() == 8, jax.devices()
+
+# Trainers built several times in one test (resume, sharded vs single) compile identical
+# programs: a per-session persistent cache turns the repeats into loads.
+import tempfile  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="embedrl-jax-cache-"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

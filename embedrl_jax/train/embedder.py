@@ -108,7 +108,7 @@ def make_update(mdef, optimizer, cfg: EmbedderTrainConfig, token_id: int):
             grads = {"model": g_model}
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
         new = dict(state, params=optax.apply_updates(params, updates), opt_state=opt_state, step=state["step"] + 1)
-        return new, dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+        return new, dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
 
     return update
 

@@ -81,10 +81,12 @@ class PatchMerger(nnx.Module):
     def __call__(self, x, unit: int, rng=None):
         r, s, d = x.shape
         dt = x.dtype
+        x = constrain(x, ("batch", None, None))
         if self.postshuffle:
             x = layer_norm(x.reshape(r, s // unit, d * unit), self.norm_scale[...], self.norm_bias[...], self.eps)
         else:
             x = layer_norm(x, self.norm_scale[...], self.norm_bias[...], self.eps).reshape(r, s // unit, d * unit)
+        x = constrain(x, ("batch", None, None))
         x = linear(self, "fc1", self.EQS["fc1"], x, rng) + self.fc1_bias[...].astype(dt)
         x = jax.nn.gelu(x, approximate=False)  # nn.GELU(): exact erf
         x = linear(self, "fc2", self.EQS["fc2"], x, rng) + self.fc2_bias[...].astype(dt)
