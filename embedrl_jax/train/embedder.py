@@ -96,7 +96,19 @@ def make_update(mdef, optimizer, cfg: EmbedderTrainConfig, token_id: int):
             return fn(lora_lib.combine(prm, frozen) if frozen else prm, chunk, k)
 
         kw = dict(num_chunks=chunks, rng=key if use_dropout else None)
-        if cfg.learn_logit_scale:
+        if chunks == 1 and not cfg.learn_logit_scale:
+            # one chunk: plain backprop through both towers (GradCache would run the forward twice)
+            def loss_of(prm):
+                # the keys GradCache would give its single chunk of each tower
+                kq, kp = (None, None) if not use_dropout else (
+                    jax.random.fold_in(jax.random.fold_in(key, t), 0) for t in (0, 1))
+                qe = f(prm, jax.tree.map(lambda x: x[:1], q), kq)
+                pe = f(prm, jax.tree.map(lambda x: x[:1], p), kp)
+                return info_nce(qe, pe, scale=cfg.logit_scale)
+
+            (loss, metrics), g_model = jax.value_and_grad(loss_of, has_aux=True)(params["model"])
+            grads = {"model": g_model}
+        elif cfg.learn_logit_scale:
             def loss_fn(qq, pp, log_scale):
                 return info_nce(qq, pp, scale=logit_scale_param(log_scale))
 

@@ -87,11 +87,16 @@ def layer_norm(x, weight, bias, eps):
     return (y * weight.astype(jnp.float32) + bias.astype(jnp.float32)).astype(dtype)
 
 
-def rows_per_step() -> int | None:
-    """Batch rows per attention step: 1 on CPU, where the [L, M] score blocks of one row
-    stay in cache (about 2x faster than materialising every row's scores at once);
-    all rows at once (None) on accelerators, where the batched einsum is the fast path."""
-    return 1 if jax.default_backend() == "cpu" else None
+SCORE_BLOCK_BYTES = 8 * 2**20
+
+
+def rows_per_step(rows: int, row_score_bytes: int) -> int:
+    """Batch rows per attention step. On CPU, as many rows as keep the fp32 score block
+    within ~8 MiB (cache-resident; materialising every row's scores at once is about 2x
+    slower for image-sized rows); on accelerators all rows in one batched step."""
+    if jax.default_backend() != "cpu":
+        return rows
+    return int(max(1, min(rows, SCORE_BLOCK_BYTES // max(row_score_bytes, 1))))
 
 
 def attention(q, k, v, q_seg, k_seg, q_idx=None, k_idx=None):
@@ -118,4 +123,4 @@ def attention(q, k, v, q_seg, k_seg, q_idx=None, k_idx=None):
         return jnp.einsum("kglm,kmh->kglh", probs, vr).reshape(n, length, h)
 
     xs = (q, k, v, q_seg, k_seg) + ((q_idx, k_idx) if causal else ())
-    return jax.lax.map(one, xs, batch_size=rows_per_step() or b)
+    return jax.lax.map(one, xs, batch_size=rows_per_step(b, 4 * n * length * k.shape[2]))
