@@ -12,7 +12,6 @@ import argparse
 import json
 import tempfile
 
-import numpy as np
 
 import common
 
@@ -25,7 +24,6 @@ def main():
     args = ap.parse_args()
 
     import jax
-    import jax.numpy as jnp
     import torch
 
     import embedrl_jax

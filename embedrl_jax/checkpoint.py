@@ -13,15 +13,14 @@ so every shard is read straight onto its device, on whatever mesh is given now.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
+from .fsutil import replace_dir
 from .hf import Qwen3VLHandle, copy_side_files, np_dtype, param_shardings, read_hf_config, single_device_mesh
 from .models.qwen3_vl.inputs import Buckets
 from .models.qwen3_vl.model import ModelDef, model_def
@@ -73,13 +72,7 @@ def save_params(directory, params, *, config_json: dict, side_files_from=None, o
         if primary:
             (tmp / CONFIG_NAME).write_text(json.dumps(config_json, indent=2, sort_keys=True))
             copy_side_files(side_files_from, tmp)
-            if directory.exists():
-                old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
-                os.replace(directory, old)
-                os.replace(tmp, directory)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, directory)
+            replace_dir(tmp, directory)
     except BaseException:
         if primary:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -13,7 +13,7 @@ from embedrl_jax.config import apply_overrides, load_config, to_dict
 from embedrl_jax.hf import param_shardings
 from embedrl_jax.models.qwen3_vl.mapping import get_path
 from embedrl_jax.sharding import MeshConfig, make_mesh
-from tiny import IMAGE_ID, VEND, VIDEO_ID, VSTART, VOCAB, tiny_hf_model, tiny_tokenizer
+from tiny import IMAGE_ID, VEND, VIDEO_ID, VSTART, tiny_hf_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

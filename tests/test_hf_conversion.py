@@ -4,7 +4,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
 import embedrl_jax
 from embedrl_jax import safetensors_io as st

@@ -1,6 +1,5 @@
 """LoRA adapters: targets by path pattern, zero-init identity, dropout, merging for export."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from ..fsutil import replace_dir
+
 __all__ = ["make_toy_retrieval", "load_toy_manifest", "REAL_IMAGES", "T2I_INSTRUCTION", "I2T_INSTRUCTION"]
 
 MANIFEST_VERSION = 1
@@ -377,13 +379,7 @@ def make_toy_retrieval(out_dir, *, n_train: int = 96, n_heldout: int = 32, n_vid
     try:
         os.chmod(tmp, 0o755)
         manifest = _build(tmp, cfg)
-        if os.path.exists(out_dir):
-            trash = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
-            os.rename(out_dir, os.path.join(trash, "old"))
-            os.rename(tmp, out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

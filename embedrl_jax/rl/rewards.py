@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from ..tcot import is_well_formed
+
 __all__ = [
     "RewardConfig",
     "format_reward",
@@ -52,25 +54,9 @@ class RewardConfig:
 # Format reward
 # --------------------------------------------------------------------------------------------
 
-_TAGS = ("<thinking>", "</thinking>", "<rethink>", "</rethink>", "<answer>", "</answer>")
-
-
 def _has_tcot_format(text: Any) -> bool:
-    """True if the six tags occur in order (regex ``<thinking>.*?</thinking>.*?...`` with DOTALL).
-
-    Finding each tag after the end of the previous one is exactly that regex's acceptance test
-    (literals joined by ``.*?``; earliest matches leave the most room for what follows) but runs
-    in linear time, so adversarial completions cannot trigger regex backtracking.
-    """
-    if not isinstance(text, str):
-        return False
-    pos = 0
-    for tag in _TAGS:
-        i = text.find(tag, pos)
-        if i < 0:
-            return False
-        pos = i + len(tag)
-    return True
+    """True if the six tags occur in order; non-strings score False (never raise)."""
+    return isinstance(text, str) and is_well_formed(text)
 
 
 def format_reward(texts: Sequence[str] | str) -> np.ndarray:

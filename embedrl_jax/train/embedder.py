@@ -284,7 +284,6 @@ class EmbedderTrainer:
 
     # -- eval
     def embed_items(self, items, batch_size: int = 16) -> np.ndarray:
-        from .. import lora as lora_lib
         from ..models.qwen3_vl.inputs import pack_chunks
 
         fn = self._eval_fn()
@@ -368,7 +367,6 @@ class EmbedderTrainer:
 
     def export(self, out_dir, *, overwrite=False):
         """Merged (LoRA folded in) HF checkpoint with the tokenizer (with <emb>) and emb_token_ids."""
-        from .. import lora as lora_lib
         from ..hf import Qwen3VLHandle, save_hf
 
         params = self.model_params()
