@@ -241,6 +241,8 @@ VERBS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Embed-RL in JAX: reasoning-driven multimodal embeddings.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--distributed", action="store_true",
+                        help="multi-host run: call jax.distributed.initialize() first (TPU pods, SLURM; see launch/)")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="{" + ",".join(VERBS) + "}")
     for add in VERBS.values():
         add(sub)
@@ -251,6 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format=f"{PROG}: %(message)s")
     try:
+        if args.distributed:
+            import jax
+
+            jax.distributed.initialize()
+            _say(f"process {jax.process_index()} of {jax.process_count()}, {jax.device_count()} devices in all")
         return int(args.run(args) or 0)
     except (FileNotFoundError, FileExistsError, ValueError, TypeError, KeyError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

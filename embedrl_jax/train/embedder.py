@@ -335,7 +335,7 @@ class EmbedderTrainer:
             self.state, data_state = ckpt.restore(latest, abstract_like(self.state_shapes, self.state_shardings))
             start = int(data_state["step"])
         it = self._iterator(start)
-        writer = MetricsWriter(self.workdir / "metrics.jsonl", resume_step=start)
+        writer = MetricsWriter(self.workdir / "metrics.jsonl", resume_step=start, enabled=jax.process_index() == 0)
         lr_fn = schedule(cfg.optim, cfg.steps)
         base_key = jax.random.key(cfg.seed)
         bar = tqdm(range(start, total), initial=start, total=total, disable=not progress, desc="train-embedder")

@@ -20,8 +20,11 @@ class MetricsWriter:
     """Appends one JSON object per step; on resume drops rows past the restored step, so a
     crash between a metrics write and the next checkpoint never leaves duplicate steps."""
 
-    def __init__(self, path, *, resume_step: int | None = None):
+    def __init__(self, path, *, resume_step: int | None = None, enabled: bool = True):
+        self.enabled = enabled  # one writer per run: only process 0 of a multi-host job
         self.path = Path(path)
+        if not enabled:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             keep = []
@@ -38,11 +41,14 @@ class MetricsWriter:
         self._f = open(self.path, "a")
 
     def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
         self._f.write(json.dumps({k: _plain(v) for k, v in row.items()}) + "\n")
         self._f.flush()
 
     def close(self):
-        self._f.close()
+        if self.enabled:
+            self._f.close()
 
 
 def read_metrics(path) -> list[dict]:

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Run one embedrl command on every worker of a Cloud TPU pod slice (one process per host).
+#   launch/tpu_pod.sh TPU_NAME ZONE -- train-embedder --config configs/toy_embedder.json --workdir gs://bucket/run mesh.fsdp=-1
+# Assumes the repository is checked out at the same path on every worker and installed there
+# (`pip install -e .`); jax.distributed discovers the pod's hosts itself (--distributed).
+set -euo pipefail
+tpu=${1:?TPU name}; zone=${2:?zone}; shift 2
+[ "${1:-}" = "--" ] && shift
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cmd="cd $repo && . .venv/bin/activate && embedrl --distributed $(printf '%q ' "$@")"
+exec gcloud compute tpus tpu-vm ssh "$tpu" --zone "$zone" --worker=all --command "$cmd"
