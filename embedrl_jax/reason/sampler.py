@@ -1,0 +1,119 @@
+"""Prefill + KV-cache decoding in one jitted function (greedy or sampled), static shapes.
+
+The cache holds keys/values heads-first per layer, [layers, B, K, T, H], T = prompt bucket +
+max_new_tokens. Slot s of row b is valid when it holds a real prompt token (attention_mask)
+or a token generated so far. New tokens take M-RoPE position n_valid + t + rope_delta on all
+three axes (the rope delta of image/video prompts carries the vision compression over).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ..models.qwen3_vl.layers import attention, rms_norm
+from ..models.qwen3_vl.rope import mrope_cos_sin
+
+
+def _layers_scan(model, x, cos, sin, q_seg, k_seg, q_idx, k_idx, cache_k, cache_v, write_at, deep=None):
+    """Run every decoder layer once over x, writing this chunk's K/V into the cache at `write_at`."""
+    graphdef, state = nnx.split(model.layers)
+    n_deep = 0 if deep is None else deep.shape[0]
+
+    def body(h, xs):
+        layer_state, ck, cv, i = xs
+        layer = nnx.merge(graphdef, layer_state)
+        q, k, v = layer.project_qkv(h, cos, sin)
+        ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), write_at, axis=2)
+        cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), write_at, axis=2)
+        h = layer.finish(h, attention(q, ck, cv, q_seg, k_seg, q_idx, k_idx))
+        if n_deep:
+            slab = jax.lax.dynamic_index_in_dim(deep, jnp.minimum(i, n_deep - 1), keepdims=False)
+            h = h + jnp.where(i < n_deep, slab, jnp.zeros_like(slab))
+        return h, (ck, cv)
+
+    n = cache_k.shape[0]
+    h, (ck, cv) = jax.lax.scan(body, x, (state, cache_k, cache_v, jnp.arange(n)))
+    return h, ck, cv
+
+
+def generate_tokens(mdef, params, batch, rope_deltas, key, *, max_new_tokens: int, eos_ids: tuple[int, ...],
+                    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, dtype=jnp.float32):
+    """(tokens [B, N], logprobs [B, N] fp32, mask [B, N]) for a left-padded packed batch."""
+    model = mdef.module(params)
+    t_cfg = mdef.config.text
+    b, p_len = batch["input_ids"].shape
+    total = p_len + max_new_tokens
+    n_layers, kv, hd = t_cfg.num_hidden_layers, t_cfg.num_key_value_heads, t_cfg.head_dim
+    cache_k = jnp.zeros((n_layers, b, kv, total, hd), dtype)
+    cache_v = jnp.zeros_like(cache_k)
+    prompt_valid = batch["attention_mask"] > 0
+    slot_valid = jnp.concatenate([prompt_valid, jnp.zeros((b, max_new_tokens), bool)], axis=1)
+    k_idx = jnp.broadcast_to(jnp.arange(total, dtype=jnp.int32), (b, total))
+
+    # prefill
+    x, deep = model.embed_inputs(batch, dtype)
+    cos, sin = mrope_cos_sin(batch["positions"], t_cfg.head_dim, t_cfg.rope_theta, t_cfg.mrope_section)
+    q_idx = k_idx[:, :p_len]
+    h, cache_k, cache_v = _layers_scan(
+        model, x, cos.astype(dtype), sin.astype(dtype), jnp.zeros((b, p_len), jnp.int32),
+        jnp.where(slot_valid, 0, -1), q_idx, k_idx, cache_k, cache_v, 0, deep,
+    )
+    last = rms_norm(h[:, -1:], model.norm[...], t_cfg.rms_norm_eps)
+    logits = model.logits(last)[:, 0].astype(jnp.float32)
+    n_valid = prompt_valid.sum(-1).astype(jnp.int32)
+
+    def pick(logits, k):
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        if temperature <= 0:
+            tok = jnp.argmax(logits, axis=-1)
+        else:
+            scaled = logits / temperature
+            if top_k:
+                kth = jax.lax.top_k(scaled, top_k)[0][:, -1:]
+                scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
+            if top_p < 1.0:
+                order = jnp.sort(scaled, axis=-1)[:, ::-1]
+                cum = jnp.cumsum(jax.nn.softmax(order, axis=-1), axis=-1)
+                cutoff = jnp.take_along_axis(order, jnp.sum(cum < top_p, axis=-1, keepdims=True), axis=-1)
+                scaled = jnp.where(scaled < cutoff, -jnp.inf, scaled)
+            tok = jax.random.categorical(k, scaled, axis=-1)
+        return tok.astype(jnp.int32), jnp.take_along_axis(logp, tok[:, None].astype(jnp.int32), axis=-1)[:, 0]
+
+    eos = jnp.asarray(eos_ids, jnp.int32)
+
+    def step(t, carry):
+        cache_k, cache_v, slot_valid, logits, done, toks, lps, mask = carry
+        tok, lp = pick(logits, jax.random.fold_in(key, t))
+        live = ~done
+        toks = toks.at[:, t].set(jnp.where(live, tok, 0))
+        lps = lps.at[:, t].set(jnp.where(live, lp, 0.0))
+        mask = mask.at[:, t].set(live)
+        done = done | (live & jnp.isin(tok, eos))
+        slot = p_len + t
+        slot_valid = slot_valid.at[:, slot].set(True)
+        pos = n_valid + t + rope_deltas
+        positions = jnp.broadcast_to(pos[None, :, None], (3, b, 1))
+        c, s = mrope_cos_sin(positions, t_cfg.head_dim, t_cfg.rope_theta, t_cfg.mrope_section)
+        x = jnp.take(model.embed[...], tok[:, None], axis=0).astype(dtype)
+        h, cache_k, cache_v = _layers_scan(
+            model, x, c.astype(dtype), s.astype(dtype), jnp.zeros((b, 1), jnp.int32), jnp.where(slot_valid, 0, -1),
+            jnp.full((b, 1), slot, jnp.int32), k_idx, cache_k, cache_v, slot,
+        )
+        h = rms_norm(h, model.norm[...], t_cfg.rms_norm_eps)
+        logits = model.logits(h)[:, 0].astype(jnp.float32)
+        return cache_k, cache_v, slot_valid, logits, done, toks, lps, mask
+
+    n = max_new_tokens
+    init = (cache_k, cache_v, slot_valid, logits, jnp.zeros((b,), bool),
+            jnp.zeros((b, n), jnp.int32), jnp.zeros((b, n), jnp.float32), jnp.zeros((b, n), bool))
+    out = jax.lax.fori_loop(0, n, step, init)
+    return out[5], out[6], out[7]
+
+
+@functools.lru_cache(maxsize=16)
+def jitted_generate(mdef, max_new_tokens, eos_ids, temperature, top_k, top_p):
+    return jax.jit(functools.partial(generate_tokens, mdef, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+                                     temperature=temperature, top_k=top_k, top_p=top_p))
