@@ -29,6 +29,7 @@ def _ours(handle, inputs, **kw):
 
 
 def _hf(model, inputs):
+    inputs = {k: np.asarray(v) for k, v in inputs.items()}
     kw = {k: torch.from_numpy(v) for k, v in inputs.items()}
     with torch.no_grad():
         out = model.generate(**kw, do_sample=False, max_new_tokens=N_NEW, min_new_tokens=N_NEW,
@@ -65,3 +66,46 @@ def test_sampling_is_reproducible(pair):
     c = _ours(handle, inputs, temperature=1.0, seed=6)
     np.testing.assert_array_equal(a[0], b[0])
     assert (a[0] != c[0]).any()
+
+
+@pytest.fixture(scope="module")
+def reasoner_dir(tmp_path_factory):
+    from embedrl_jax.testing import image_processor, tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("reasoner")
+    tiny_hf_model(seed=4).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    image_processor(min_tokens=4, max_tokens=16).save_pretrained(path)
+    return path
+
+
+def test_reasoner_prepare_generate_matches_transformers(reasoner_dir):
+    from transformers import AutoModelForImageTextToText
+
+    from embedrl_jax import Reasoner
+
+    r = Reasoner.from_pretrained(reasoner_dir)
+    prompts = [{"text": "describe the image", "images": [real_image("astronaut", (96, 64))]},
+               {"text": "a small test sentence"}]
+    batch = r.prepare(prompts)
+    assert batch["attention_mask"][:, -1].all() and not batch["attention_mask"][1, 0]  # left padded
+    out = r.generate(batch, n=2, max_new_tokens=N_NEW)
+    assert out.tokens.shape == out.logprobs.shape == out.mask.shape == (2, 2, N_NEW)
+    np.testing.assert_array_equal(out.tokens[:, 0], out.tokens[:, 1])  # greedy: samples agree
+    ref = AutoModelForImageTextToText.from_pretrained(reasoner_dir).eval()
+    ref_toks, ref_lps = _hf(ref, batch)
+    np.testing.assert_array_equal(out.tokens[:, 0], ref_toks)
+    np.testing.assert_allclose(out.logprobs[:, 0], ref_lps, atol=1e-4)
+    assert len(out.texts) == 2 and all(isinstance(t, str) for row in out.texts for t in row)
+    sampled = r.generate(batch, n=3, max_new_tokens=8, temperature=1.0, top_k=20, top_p=0.9, seed=1)
+    again = r.generate(batch, n=3, max_new_tokens=8, temperature=1.0, top_k=20, top_p=0.9, seed=1)
+    np.testing.assert_array_equal(sampled.tokens, again.tokens)
+    assert np.isfinite(sampled.logprobs[sampled.mask]).all() and (sampled.logprobs[sampled.mask] <= 0).all()
+
+
+def test_reasoner_rejects_a_prompt_over_the_limit(reasoner_dir):
+    from embedrl_jax import Reasoner
+
+    r = Reasoner.from_pretrained(reasoner_dir, max_prompt_tokens=8)
+    with pytest.raises(ValueError, match="longer than max_prompt_tokens=8"):
+        r.prepare([{"text": "the quick brown fox jumps over the lazy dog"}])

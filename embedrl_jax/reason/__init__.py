@@ -1,0 +1,1 @@
+from .reasoner import Generation, Reasoner  # noqa: F401

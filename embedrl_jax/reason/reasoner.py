@@ -1,0 +1,119 @@
+"""The Reasoner: chat-style multimodal prompts in, sampled T-CoT completions out.
+
+`prepare` renders prompts with the one input builder (generate mode: media first, then the
+text; video frames as images, as the method feeds the Reasoner) and left-pads them;
+`generate` runs the jitted prefill + KV-cache decode loop of `sampler.py` for n samples per
+prompt, with the prompt length bucketed so a new prompt length rarely recompiles.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..data.inputs import InputBuilder, InputConfig
+from ..models.qwen3_vl.inputs import Buckets, pack_inputs
+from .sampler import jitted_generate
+
+GENERATE_INPUTS = InputConfig(video_as_images=True, padding_side="left", max_text_tokens=None)
+
+
+@dataclasses.dataclass
+class Generation:
+    tokens: np.ndarray  # [B, n, T] int32, 0 after the end
+    logprobs: np.ndarray  # [B, n, T] float32 log-probability of each sampled token
+    mask: np.ndarray  # [B, n, T] bool, True for generated tokens (EOS included, stop-string tail excluded)
+    texts: list[list[str]]  # [B][n] decoded completions
+
+
+class Reasoner:
+    def __init__(self, handle, tokenizer, image_processor, *, input_config: InputConfig = GENERATE_INPUTS,
+                 max_prompt_tokens: int = 16384, buckets: Buckets = Buckets()):
+        self.handle = handle
+        self.tokenizer = tokenizer
+        self.builder = InputBuilder(tokenizer, image_processor, handle.config, input_config)
+        self.max_prompt_tokens = max_prompt_tokens
+        self.buckets = buckets
+        ids = {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
+        if tokenizer.eos_token_id is not None:
+            ids.add(tokenizer.eos_token_id)
+        self.eos_ids = tuple(sorted(i for i in ids if i is not None and i >= 0))
+
+    @classmethod
+    def from_pretrained(cls, path, *, mesh=None, dtype="float32", input_config: InputConfig = GENERATE_INPUTS,
+                        **kw) -> "Reasoner":
+        from ..checkpoint import load_orbax
+        from ..embed.embedder import load_image_processor
+        from ..hf import load_hf
+
+        path = Path(path)
+        handle = load_orbax(path, mesh=mesh, dtype=dtype) if (path / "params").is_dir() else load_hf(path, dtype=dtype, mesh=mesh)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        return cls(handle, tokenizer, load_image_processor(path, handle.config), input_config=input_config, **kw)
+
+    def prepare(self, prompts: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+        """One left-padded batch in transformers' input names (prompt items: text, images, video)."""
+        batch = self.builder.build(list(prompts), mode="generate")
+        length = batch["input_ids"].shape[1]
+        if length > self.max_prompt_tokens:
+            raise ValueError(f"prompt of {length} tokens is longer than max_prompt_tokens={self.max_prompt_tokens}")
+        return batch
+
+    def generate(self, batch: Mapping[str, np.ndarray], n: int = 1, max_new_tokens: int = 256,
+                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+                 stop: Sequence[str] = ()) -> Generation:
+        inputs = {k: np.asarray(v) for k, v in batch.items()}
+        length = inputs["input_ids"].shape[1]
+        if length > self.max_prompt_tokens:
+            raise ValueError(f"prompt of {length} tokens is longer than max_prompt_tokens={self.max_prompt_tokens}")
+        arrays, info = pack_inputs(self.handle.model_config, **inputs, pad_to=length, buckets=self.buckets)
+        arrays = _left_pad(arrays, self.buckets.seq(length) - length)
+        deltas = info["rope_deltas"]
+        if n > 1:  # samples of one prompt are consecutive rows; vision rows are shared, not copied
+            for k, axis in (("input_ids", 0), ("attention_mask", 0), ("visual_index", 0), ("positions", 1)):
+                arrays[k] = np.repeat(arrays[k], n, axis=axis)
+            deltas = np.repeat(deltas, n)
+        gen = jitted_generate(self.handle.model_def, int(max_new_tokens), self.eos_ids, float(temperature),
+                              int(top_k), float(top_p))
+        with jax.set_mesh(self.handle.mesh):
+            toks, lps, mask = gen(self.handle.params, arrays, jnp.asarray(deltas, jnp.int32), jax.random.key(seed))
+        toks, lps, mask = (np.asarray(jax.device_get(x)) for x in (toks, lps, mask))
+        texts = []
+        for row in range(toks.shape[0]):
+            keep = mask[row]
+            text = self.tokenizer.decode(toks[row][keep], skip_special_tokens=True)
+            for s in stop:
+                cut = text.find(s)
+                if cut >= 0:
+                    text = text[: cut + len(s)]
+                    mask[row] = keep & (np.cumsum(keep) <= _tokens_for(self.tokenizer, toks[row][keep], cut + len(s)))
+            texts.append(text)
+        b = toks.shape[0] // n
+        shape = (b, n, toks.shape[1])
+        return Generation(toks.reshape(shape), lps.reshape(shape), mask.reshape(shape),
+                          [texts[i * n:(i + 1) * n] for i in range(b)])
+
+
+def _left_pad(arrays: dict, pad: int) -> dict:
+    if pad <= 0:
+        return arrays
+    out = dict(arrays)
+    out["input_ids"] = np.pad(arrays["input_ids"], ((0, 0), (pad, 0)))
+    out["attention_mask"] = np.pad(arrays["attention_mask"], ((0, 0), (pad, 0)))
+    out["visual_index"] = np.pad(arrays["visual_index"], ((0, 0), (pad, 0)), constant_values=-1)
+    out["positions"] = np.pad(arrays["positions"], ((0, 0), (0, 0), (pad, 0)))
+    return out
+
+
+def _tokens_for(tokenizer, tokens, n_chars: int) -> int:
+    """How many leading tokens decode to at least n_chars characters."""
+    for k in range(1, len(tokens) + 1):
+        if len(tokenizer.decode(tokens[:k], skip_special_tokens=True)) >= n_chars:
+            return k
+    return len(tokens)
