@@ -44,8 +44,9 @@ def l2_normalize(x, eps: float = 1e-12):
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
-def _embed_rows(mdef, params, batch, token_id, *, dtype):
-    hidden = mdef.hidden(params, batch, dtype=dtype)
+def embed_rows(mdef, params, batch, token_id, *, dtype, remat=False, rng=None):
+    """[B, D] L2-normalised <emb> embeddings of a packed batch (the Embedder's and the trainer's forward)."""
+    hidden = mdef.hidden(params, batch, dtype=dtype, remat=remat, rng=rng)
     return l2_normalize(pool_at_token(hidden, batch["input_ids"], batch["attention_mask"], token_id))
 
 
@@ -53,7 +54,7 @@ def _embed_rows(mdef, params, batch, token_id, *, dtype):
 def _jitted_embed(mdef):
     """One jitted forward per model definition (ModelDef is hashable): Embedders of the same
     architecture, e.g. one loaded from HF and one from orbax, share compilations."""
-    return jax.jit(functools.partial(_embed_rows, mdef), static_argnames=("dtype",))
+    return jax.jit(functools.partial(embed_rows, mdef), static_argnames=("dtype",))
 
 
 def load_tokenizer(path, emb_token: str = "<emb>"):

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..config import to_dict
 from ..data.inputs import InputConfig
 from ..lora import LoraConfig
 from ..models.qwen3_vl.inputs import Buckets
@@ -66,11 +67,10 @@ class EmbedderTrainConfig:
 # ------------------------------------------------------------------ the jitted step
 def embed_fn(mdef, token_id, dtype, remat, params, chunk, key=None):
     """[b, D] L2-normalised <emb> embeddings of one packed chunk (leading chunk axis of 1)."""
-    from ..embed.embedder import l2_normalize, pool_at_token
+    from ..embed.embedder import embed_rows
 
     batch = jax.tree.map(lambda x: x[0], chunk)
-    hidden = mdef.hidden(params, batch, dtype=dtype, remat=remat, rng=key)
-    return l2_normalize(pool_at_token(hidden, batch["input_ids"], batch["attention_mask"], token_id))
+    return embed_rows(mdef, params, batch, token_id, dtype=dtype, remat=remat, rng=key)
 
 
 def make_update(mdef, optimizer, cfg: EmbedderTrainConfig, token_id: int):
@@ -142,7 +142,7 @@ class EmbedderTrainer:
         self.cfg = cfg
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        (self.workdir / "config.json").write_text(json.dumps(_to_dict(cfg), indent=2))
+        (self.workdir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
         self.mesh = mesh or make_mesh(cfg.mesh)
         model_dir = self._model_dir()
         self.tokenizer = load_tokenizer(model_dir, cfg.inputs.emb_token)
@@ -172,9 +172,8 @@ class EmbedderTrainer:
             trainable["log_scale"] = jnp.log(jnp.float32(cfg.logit_scale))
             self.trainable_shardings["log_scale"] = self.replicated
         self.optimizer = make_optimizer(cfg.optim, cfg.steps)
-        self.init_trainable = trainable
         self._build_data()
-        self._build_state()
+        self._build_state(trainable)
         self._update = jax.jit(
             make_update(self.mdef, self.optimizer, cfg, self.token_id),
             in_shardings=(self.state_shardings, self.frozen_shardings, None, None, None),  # batches arrive placed
@@ -272,12 +271,12 @@ class EmbedderTrainer:
         return {k: jax.make_array_from_process_local_data(_chunk_sharding(self.mesh, k, v), v) for k, v in arrays.items()}
 
     # -- state
-    def _build_state(self):
+    def _build_state(self, trainable):
         from .state import init_state, state_shardings
 
-        state = init_state(self.init_trainable, self.optimizer)
+        state = init_state(trainable, self.optimizer)
         shapes = jax.eval_shape(lambda s: s, state)
-        self.state_shardings = state_shardings(shapes, jax.eval_shape(lambda t: t, self.init_trainable),
+        self.state_shardings = state_shardings(shapes, jax.eval_shape(lambda t: t, trainable),
                                                self.trainable_shardings, self.mesh)
         self.state = jax.device_put(state, self.state_shardings)
         self.state_shapes = shapes
@@ -426,8 +425,3 @@ def build_tiny_base(path: Path, seed: int = 0, corpus=None, vocab: int = 1024):
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
 
-
-def _to_dict(cfg):
-    from ..config import to_dict
-
-    return to_dict(cfg)
