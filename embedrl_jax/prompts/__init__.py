@@ -39,6 +39,8 @@ __all__ = [
     "render",
     "slots_of",
     "format_candidates",
+    "prompt_kind",
+    "reasoner_prompt",
 ]
 
 GENERATION_KINDS = (
@@ -127,3 +129,38 @@ def render(kind: str, /, prompts: Mapping | None = None, **slots: Any) -> str:
 def format_candidates(candidates: Sequence[str]) -> str:
     """Number candidate reasonings ``1. ...``, ``2. ...`` (one per paragraph) for the judge prompt."""
     return "\n\n".join(f"{i}. {str(c).strip()}" for i, c in enumerate(candidates, start=1))
+
+
+def prompt_kind(item: Mapping[str, Any], side: str, *, retrieves_video: bool = False) -> str:
+    """The generation template for one side of a pair (method §8's rollout prompt choice).
+
+    ``side`` is ``"query"`` or ``"positive"``; a text-only query whose positive is a video uses
+    the video-retrieval query prompt (``retrieves_video``).
+    """
+    if side not in ("query", "positive"):
+        raise ValueError(f"side must be 'query' or 'positive', got {side!r}")
+    if item.get("video"):
+        modality = "video"
+    elif item.get("images") or item.get("image") is not None:
+        modality = "image"
+    else:
+        modality = "text"
+    if side == "query" and modality == "text" and retrieves_video:
+        return "query_text_video_retrieval"
+    return f"{side}_{modality}"
+
+
+def reasoner_prompt(item: Mapping[str, Any], side: str, prompts: Mapping | None = None, *,
+                    retrieves_video: bool = False) -> dict:
+    """The Reasoner's prompt item for an Embedder item: its media plus the rendered template,
+    with the item's own text (instruction first) in the ``{task}`` slot."""
+    kind = prompt_kind(item, side, retrieves_video=retrieves_video)
+    task = " ".join(str(item[k]).strip() for k in ("instruction", "text") if item.get(k))
+    out = {"text": render(kind, prompts, task=task)}
+    if item.get("images"):
+        out["images"] = list(item["images"])
+    elif item.get("image") is not None:
+        out["images"] = [item["image"]]
+    if item.get("video"):
+        out["video"] = list(item["video"])
+    return out

@@ -16,8 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..data.inputs import InputBuilder, InputConfig
-from ..models.qwen3_vl.inputs import Buckets, pack_inputs
+from ..models.qwen3_vl.inputs import Buckets
 from .sampler import jitted_generate
+from .sequences import pack_prompts, repeat_samples
 
 GENERATE_INPUTS = InputConfig(video_as_images=True, padding_side="left", max_text_tokens=None)
 
@@ -65,29 +66,32 @@ class Reasoner:
             raise ValueError(f"prompt of {length} tokens is longer than max_prompt_tokens={self.max_prompt_tokens}")
         return batch
 
-    def generate(self, batch: Mapping[str, np.ndarray], n: int = 1, max_new_tokens: int = 256,
-                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-                 stop: Sequence[str] = ()) -> Generation:
+    def pack(self, batch: Mapping[str, np.ndarray], n: int = 1) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Packed, left-padded arrays for a `prepare`d batch with n consecutive rows per prompt."""
         inputs = {k: np.asarray(v) for k, v in batch.items()}
         length = inputs["input_ids"].shape[1]
         if length > self.max_prompt_tokens:
             raise ValueError(f"prompt of {length} tokens is longer than max_prompt_tokens={self.max_prompt_tokens}")
-        arrays, info = pack_inputs(self.handle.model_config, **inputs, pad_to=length, buckets=self.buckets)
-        arrays = _left_pad(arrays, self.buckets.seq(length) - length)
-        deltas = info["rope_deltas"]
-        if n > 1:  # samples of one prompt are consecutive rows; vision rows are shared, not copied
-            for k, axis in (("input_ids", 0), ("attention_mask", 0), ("visual_index", 0), ("positions", 1)):
-                arrays[k] = np.repeat(arrays[k], n, axis=axis)
-            deltas = np.repeat(deltas, n)
-        gen = jitted_generate(self.handle.model_def, int(max_new_tokens), self.eos_ids, float(temperature),
-                              int(top_k), float(top_p))
+        (arrays,), (deltas,) = pack_prompts(self.handle.model_config, [inputs], self.buckets)
+        return repeat_samples(arrays, deltas, n)
+
+    def generate(self, batch: Mapping[str, np.ndarray], n: int = 1, max_new_tokens: int = 256,
+                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+                 stop: Sequence[str] = (), *, params=None, model_def=None, key=None) -> Generation:
+        """Sample n completions per prompt. `params` / `model_def` override the loaded weights
+        (a policy in training); `key` overrides the PRNG key made from `seed`."""
+        arrays, deltas = self.pack(batch, n)
+        mdef = self.handle.model_def if model_def is None else model_def
+        params = self.handle.params if params is None else params
+        gen = jitted_generate(mdef, int(max_new_tokens), self.eos_ids, float(temperature), int(top_k), float(top_p))
+        key = jax.random.key(seed) if key is None else key
         with jax.set_mesh(self.handle.mesh):
-            toks, lps, mask = gen(self.handle.params, arrays, jnp.asarray(deltas, jnp.int32), jax.random.key(seed))
-        toks, lps, mask = (np.asarray(jax.device_get(x)) for x in (toks, lps, mask))
+            toks, lps, mask = gen(params, arrays, jnp.asarray(deltas, jnp.int32), key)
+        toks, lps, mask = (np.array(jax.device_get(x)) for x in (toks, lps, mask))
         texts = []
         for row in range(toks.shape[0]):
             keep = mask[row]
-            text = self.tokenizer.decode(toks[row][keep], skip_special_tokens=True)
+            text = _decode(self.tokenizer, toks[row][keep])
             for s in stop:
                 cut = text.find(s)
                 if cut >= 0:
@@ -100,15 +104,9 @@ class Reasoner:
                           [texts[i * n:(i + 1) * n] for i in range(b)])
 
 
-def _left_pad(arrays: dict, pad: int) -> dict:
-    if pad <= 0:
-        return arrays
-    out = dict(arrays)
-    out["input_ids"] = np.pad(arrays["input_ids"], ((0, 0), (pad, 0)))
-    out["attention_mask"] = np.pad(arrays["attention_mask"], ((0, 0), (pad, 0)))
-    out["visual_index"] = np.pad(arrays["visual_index"], ((0, 0), (pad, 0)), constant_values=-1)
-    out["positions"] = np.pad(arrays["positions"], ((0, 0), (0, 0), (pad, 0)))
-    return out
+def _decode(tokenizer, tokens) -> str:
+    """Decoded completion; undecodable byte sequences come back as U+FFFD, never an exception."""
+    return tokenizer.decode(tokens, skip_special_tokens=True)
 
 
 def _tokens_for(tokenizer, tokens, n_chars: int) -> int:
