@@ -99,7 +99,8 @@ def group_advantages(rewards, group_size: int, normalize_std: bool = True):
     holds the rollouts of one prompt.  Returns ``(r - mean_g) / (std_g + 1e-6)`` using the
     unbiased (ddof=1) std, or ``r - mean_g`` when ``normalize_std`` is False (Dr.GRPO).
 
-    Why ddof=1: it is what the reference trainer uses.  With ``group_size == 1`` that std is
+    A group whose rewards are all equal gets exactly 0 (not the rounding error of its mean
+    divided by 1e-6). Why ddof=1: it is what the reference trainer uses.  With ``group_size == 1`` that std is
     undefined; it is taken as 0, and since ``r - mean_g`` is then 0 the advantage is 0 (a lone
     rollout carries no relative signal), never NaN.
     """
@@ -113,7 +114,10 @@ def group_advantages(rewards, group_size: int, normalize_std: bool = True):
     if n % group_size:
         raise ValueError(f"rewards length {n} is not a multiple of group_size {group_size}")
     r = rewards.reshape(n // group_size, group_size)
-    centred = r - jnp.mean(r, axis=1, keepdims=True)
+    # a group of equal rewards is exactly zero: its float mean can be one ulp off the value,
+    # which the (std + 1e-6) division would blow up into a spurious advantage
+    flat = jnp.max(r, axis=1, keepdims=True) == jnp.min(r, axis=1, keepdims=True)
+    centred = jnp.where(flat, 0.0, r - jnp.mean(r, axis=1, keepdims=True))
     if normalize_std:
         if group_size > 1:
             std = jnp.sqrt(jnp.sum(centred**2, axis=1, keepdims=True) / (group_size - 1))

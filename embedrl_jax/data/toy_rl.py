@@ -1,0 +1,140 @@
+"""A toy retrieval task in which the T-CoT's evidence decides retrieval (for EG-RL runs and tests).
+
+Every pair hides one *key* word among distractors, on both sides::
+
+    query:    "find tiger river stone"        positive: "photo of tiger lemon comet"
+
+Three content words per side from a pool of 24; the query and its positive share exactly the
+key. A single-vector embedding of the bare text cannot know which of the three words matters,
+so retrieval among pairs that reuse the same words is ambiguous -- unless the T-CoT names the
+key as evidence (``{"text_keywords": ["tiger"]}``).
+
+- *Embedder data* (``embedder_{train,heldout}.jsonl``): the key sits at a random slot and both
+  T-CoTs name it, so an Embedder trained on it learns to trust the evidence (it cannot learn a
+  positional shortcut).
+- *RL data* (``rl_{train,heldout}.jsonl``): the key is always the first word on both sides, a
+  rule the Reasoner can discover and the Embedder was never taught; no T-CoTs.
+- *SFT data* (``sft.jsonl``): RL-style prompts with well-formed T-CoTs whose keyword is drawn
+  uniformly from the three words, so a cold-started Reasoner writes the format but names the
+  key only a third of the time. EG-RL's reward is what can teach it the rule.
+- ``prompts.json``: short templates for the two text prompts and the judge (merged over the
+  packaged ones), so tiny models see short prompts.
+
+Everything is a pure function of the arguments; files are written to a temporary sibling
+folder and renamed into place.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from ..fsutil import replace_dir
+
+__all__ = ["WORDS", "make_toy_keywords", "tcot_for", "QUERY_PREFIX", "POSITIVE_PREFIX"]
+
+WORDS = ("apple", "tiger", "river", "stone", "cloud", "horse", "lemon", "piano", "rocket", "candle",
+         "forest", "bridge", "castle", "garden", "violin", "turtle", "pepper", "island", "dragon",
+         "mirror", "anchor", "comet", "falcon", "meadow")
+QUERY_PREFIX = "find"
+POSITIVE_PREFIX = "photo of"
+VERSION = 1
+
+PROMPTS = {
+    "templates": {
+        "query_text": "Name the key word of this search.\n{task}",
+        "positive_text": "Name the key word of this item.\n{task}",
+        "judge": "Query: {query}\nReasoning: {reasoning}\nCandidates:\n{candidates}\nBest candidate number:",
+    }
+}
+
+
+def tcot_for(words, keyword: str) -> str:
+    """The toy T-CoT: the words seen, the keyword as evidence, a re-check and the answer."""
+    listed = ", ".join(words)
+    evidence = json.dumps({"text_keywords": [keyword]})
+    return (f"<thinking>The words are {listed}. {evidence}</thinking>"
+            f"<rethink>{keyword} is named.</rethink><answer>{keyword}</answer>")
+
+
+def _sample_pair(rng: np.random.Generator):
+    picks = rng.choice(len(WORDS), size=5, replace=False)
+    key, q_other, p_other = WORDS[picks[0]], [WORDS[i] for i in picks[1:3]], [WORDS[i] for i in picks[3:5]]
+    return key, q_other, p_other
+
+
+def _texts(key, q_other, p_other, rng, key_first: bool):
+    q, p = [key] + q_other, [key] + p_other
+    if not key_first:
+        q, p = list(rng.permutation(q)), list(rng.permutation(p))
+    return q, p
+
+
+def make_toy_keywords(out_dir, *, seed: int = 0, embedder_pairs: int = 4096, rl_pairs: int = 2048,
+                      sft_samples: int = 2048, heldout_pairs: int = 256) -> dict:
+    """Write the toy task under `out_dir` (reused when it exists with the same arguments);
+    returns the manifest with absolute file paths."""
+    out = Path(out_dir)
+    args = dict(version=VERSION, seed=seed, embedder_pairs=embedder_pairs, rl_pairs=rl_pairs,
+                sft_samples=sft_samples, heldout_pairs=heldout_pairs)
+    manifest_file = out / "manifest.json"
+    if manifest_file.exists():
+        manifest = json.loads(manifest_file.read_text())
+        if manifest.get("args") != args:
+            raise ValueError(f"{out} holds a toy keyword task built with {manifest.get('args')}, not {args}")
+        return _absolute(manifest, out)
+
+    rng = np.random.default_rng([seed, 7])
+    files: dict[str, list[dict]] = {}
+
+    def pairs(n, key_first, with_cot):
+        rows = []
+        for _ in range(n):
+            key, qo, po = _sample_pair(rng)
+            q, p = _texts(key, qo, po, rng, key_first)
+            row = {"qry": f"{QUERY_PREFIX} {' '.join(q)}", "pos_text": f"{POSITIVE_PREFIX} {' '.join(p)}", "key": key}
+            if with_cot:
+                row["query_cot"], row["pos_cot"] = tcot_for(q, key), tcot_for(p, key)
+            rows.append(row)
+        return rows
+
+    files["embedder_train"] = pairs(embedder_pairs, key_first=False, with_cot=True)
+    files["embedder_heldout"] = pairs(heldout_pairs, key_first=False, with_cot=True)
+    files["rl_train"] = pairs(rl_pairs, key_first=True, with_cot=False)
+    files["rl_heldout"] = pairs(heldout_pairs, key_first=True, with_cot=False)
+    sft = []
+    for i in range(sft_samples):
+        key, qo, po = _sample_pair(rng)
+        q, p = _texts(key, qo, po, rng, key_first=True)
+        side, words, prefix = ("query", q, QUERY_PREFIX) if i % 2 == 0 else ("positive", p, POSITIVE_PREFIX)
+        task = f"{prefix} {' '.join(words)}"
+        kind = f"{side}_text"
+        prompt = PROMPTS["templates"][kind].replace("{task}", task)
+        sft.append({"prompt": prompt, "completion": tcot_for(words, words[int(rng.integers(3))])})
+    files["sft"] = sft
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=False)
+    try:
+        for name, rows in files.items():
+            (tmp / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (tmp / "prompts.json").write_text(json.dumps(PROMPTS, indent=2))
+        manifest = {"args": args, "files": {name: f"{name}.jsonl" for name in files}, "prompts": "prompts.json",
+                    "words": list(WORDS)}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return _absolute(json.loads(manifest_file.read_text()), out)
+
+
+def _absolute(manifest: dict, out: Path) -> dict:
+    m = dict(manifest)
+    m["files"] = {k: os.fspath(out / v) for k, v in manifest["files"].items()}
+    m["prompts"] = os.fspath(out / manifest["prompts"])
+    m["dir"] = os.fspath(out)
+    return m
