@@ -60,7 +60,8 @@ class Reasoner:
 
     def prepare(self, prompts: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
         """One left-padded batch in transformers' input names (prompt items: text, images, video)."""
-        batch = self.builder.build(list(prompts), mode="generate")
+        # the builder names the item and field of a bad prompt (a dict passed alone is a TypeError)
+        batch = self.builder.build(prompts, mode="generate")
         length = batch["input_ids"].shape[1]
         if length > self.max_prompt_tokens:
             raise ValueError(f"prompt of {length} tokens is longer than max_prompt_tokens={self.max_prompt_tokens}")
@@ -68,6 +69,8 @@ class Reasoner:
 
     def pack(self, batch: Mapping[str, np.ndarray], n: int = 1) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """Packed, left-padded arrays for a `prepare`d batch with n consecutive rows per prompt."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
         inputs = {k: np.asarray(v) for k, v in batch.items()}
         length = inputs["input_ids"].shape[1]
         if length > self.max_prompt_tokens:
@@ -80,6 +83,8 @@ class Reasoner:
                  stop: Sequence[str] = (), *, params=None, model_def=None, key=None) -> Generation:
         """Sample n completions per prompt. `params` / `model_def` override the loaded weights
         (a policy in training); `key` overrides the PRNG key made from `seed`."""
+        if any(not s for s in stop):
+            raise ValueError("stop strings must be non-empty")
         arrays, deltas = self.pack(batch, n)
         mdef = self.handle.model_def if model_def is None else model_def
         params = self.handle.params if params is None else params
@@ -106,12 +111,30 @@ class Reasoner:
 
 def _decode(tokenizer, tokens) -> str:
     """Decoded completion; undecodable byte sequences come back as U+FFFD, never an exception."""
-    return tokenizer.decode(tokens, skip_special_tokens=True)
+    ids = [int(t) for t in np.asarray(tokens).reshape(-1) if 0 <= int(t) < 2**31]  # ids the tokenizer can take
+    return tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def _tokens_for(tokenizer, tokens, n_chars: int) -> int:
-    """How many leading tokens decode to at least n_chars characters."""
-    for k in range(1, len(tokens) + 1):
-        if len(tokenizer.decode(tokens[:k], skip_special_tokens=True)) >= n_chars:
+    """How many leading tokens decode to the first n_chars characters of the completion.
+
+    A character split over several byte tokens (a multi-byte UTF-8 character) counts only when
+    all its tokens are in: a partial one decodes to U+FFFD, which has the length but not the
+    text. Binary search for the first prefix that is long enough (decoded length grows with
+    the prefix), then the first from there whose text matches.
+    """
+    tokens = list(np.asarray(tokens).reshape(-1))
+    if n_chars <= 0:
+        return 0
+    target = _decode(tokenizer, tokens)[:n_chars]
+    lo, hi = 1, len(tokens)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(_decode(tokenizer, tokens[:mid])) >= n_chars:
+            hi = mid
+        else:
+            lo = mid + 1
+    for k in range(lo, len(tokens) + 1):
+        if _decode(tokenizer, tokens[:k])[:n_chars] == target:
             return k
-    return len(tokens)
+    return lo

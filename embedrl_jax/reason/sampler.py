@@ -4,39 +4,53 @@ The cache holds keys/values heads-first per layer, [layers, B, K, T, H], T = pro
 max_new_tokens. Slot s of row b is valid when it holds a real prompt token (attention_mask)
 or a token generated so far. New tokens take M-RoPE position n_valid + t + rope_delta on all
 three axes (the rope delta of image/video prompts carries the vision compression over).
+
+Sharding: under a mesh (`jax.set_mesh`, as `Reasoner.generate` runs it) the cache is laid out
+by logical names, rows over ("data", "fsdp") and KV heads over "tensor" where they divide,
+so no device holds the whole cache (a dimension that does not divide stays replicated).
 """
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
-from ..models.qwen3_vl.layers import attention, rms_norm
+from ..models.qwen3_vl.layers import attention, rms_norm, scan_layers
 from ..models.qwen3_vl.rope import mrope_cos_sin
+from ..sharding import constrain
+
+CACHE_AXES = ("layers", "batch", "kv_heads", "seq", "head_dim")
 
 
-def _layers_scan(model, x, cos, sin, q_seg, k_seg, q_idx, k_idx, cache_k, cache_v, write_at, deep=None):
-    """Run every decoder layer once over x, writing this chunk's K/V into the cache at `write_at`."""
-    graphdef, state = nnx.split(model.layers)
+def _layers_scan(model, x, cos, sin, mask, cache_k, cache_v, write_at, deep=None):
+    """Every decoder layer once over x (`Qwen3VL.decode_layers` with a KV cache).
+
+    Layer i writes this chunk's K/V into its cache slice at slot `write_at` (in place in the
+    carried cache: only the new slots are written) and attends over the whole slice with
+    `mask` = (q_seg, k_seg, q_idx, k_idx). DeepStack slabs are added after the first layers
+    exactly as `decode_layers` adds them. Returns (h, cache_k, cache_v).
+    """
     n_deep = 0 if deep is None else deep.shape[0]
 
-    def body(h, xs):
-        layer_state, ck, cv, i = xs
-        layer = nnx.merge(graphdef, layer_state)
+    def write(cache, new, i):
+        start = (i, 0, 0, write_at, 0)
+        return constrain(jax.lax.dynamic_update_slice(cache, new[None].astype(cache.dtype), start), CACHE_AXES)
+
+    def body(layer, carry, i):
+        h, ck, cv = carry
         q, k, v = layer.project_qkv(h, cos, sin)
-        ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), write_at, axis=2)
-        cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), write_at, axis=2)
-        h = layer.finish(h, attention(q, ck, cv, q_seg, k_seg, q_idx, k_idx))
-        if n_deep:
+        ck, cv = write(ck, k, i), write(cv, v, i)
+        layer_k = jax.lax.dynamic_index_in_dim(ck, i, keepdims=False)
+        layer_v = jax.lax.dynamic_index_in_dim(cv, i, keepdims=False)
+        h = layer.finish(h, attention(q, layer_k, layer_v, *mask))
+        if n_deep:  # as in Qwen3VL.decode_layers
             slab = jax.lax.dynamic_index_in_dim(deep, jnp.minimum(i, n_deep - 1), keepdims=False)
             h = h + jnp.where(i < n_deep, slab, jnp.zeros_like(slab))
-        return h, (ck, cv)
+        return h, ck, cv
 
-    n = cache_k.shape[0]
-    h, (ck, cv) = jax.lax.scan(body, x, (state, cache_k, cache_v, jnp.arange(n)))
-    return h, ck, cv
+    return scan_layers(model.layers, body, (x, cache_k, cache_v), jnp.arange(cache_k.shape[0], dtype=jnp.int32))
 
 
 def generate_tokens(mdef, params, batch, rope_deltas, key, *, max_new_tokens: int, eos_ids: tuple[int, ...],
@@ -47,8 +61,8 @@ def generate_tokens(mdef, params, batch, rope_deltas, key, *, max_new_tokens: in
     b, p_len = batch["input_ids"].shape
     total = p_len + max_new_tokens
     n_layers, kv, hd = t_cfg.num_hidden_layers, t_cfg.num_key_value_heads, t_cfg.head_dim
-    cache_k = jnp.zeros((n_layers, b, kv, total, hd), dtype)
-    cache_v = jnp.zeros_like(cache_k)
+    cache_k = constrain(jnp.zeros((n_layers, b, kv, total, hd), dtype), CACHE_AXES)
+    cache_v = constrain(jnp.zeros((n_layers, b, kv, total, hd), dtype), CACHE_AXES)
     prompt_valid = batch["attention_mask"] > 0
     slot_valid = jnp.concatenate([prompt_valid, jnp.zeros((b, max_new_tokens), bool)], axis=1)
     k_idx = jnp.broadcast_to(jnp.arange(total, dtype=jnp.int32), (b, total))
@@ -56,11 +70,8 @@ def generate_tokens(mdef, params, batch, rope_deltas, key, *, max_new_tokens: in
     # prefill
     x, deep = model.embed_inputs(batch, dtype)
     cos, sin = mrope_cos_sin(batch["positions"], t_cfg.head_dim, t_cfg.rope_theta, t_cfg.mrope_section)
-    q_idx = k_idx[:, :p_len]
-    h, cache_k, cache_v = _layers_scan(
-        model, x, cos.astype(dtype), sin.astype(dtype), jnp.zeros((b, p_len), jnp.int32),
-        jnp.where(slot_valid, 0, -1), q_idx, k_idx, cache_k, cache_v, 0, deep,
-    )
+    mask = (jnp.zeros((b, p_len), jnp.int32), jnp.where(slot_valid, 0, -1), k_idx[:, :p_len], k_idx)
+    h, cache_k, cache_v = _layers_scan(model, x, cos.astype(dtype), sin.astype(dtype), mask, cache_k, cache_v, 0, deep)
     last = rms_norm(h[:, -1:], model.norm[...], t_cfg.rms_norm_eps)
     logits = model.logits(last)[:, 0].astype(jnp.float32)
     n_valid = prompt_valid.sum(-1).astype(jnp.int32)
@@ -72,7 +83,7 @@ def generate_tokens(mdef, params, batch, rope_deltas, key, *, max_new_tokens: in
         else:
             scaled = logits / temperature
             if top_k:
-                kth = jax.lax.top_k(scaled, top_k)[0][:, -1:]
+                kth = jax.lax.top_k(scaled, min(top_k, scaled.shape[-1]))[0][:, -1:]
                 scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
             if top_p < 1.0:
                 order = jnp.sort(scaled, axis=-1)[:, ::-1]
@@ -97,11 +108,10 @@ def generate_tokens(mdef, params, batch, rope_deltas, key, *, max_new_tokens: in
         pos = n_valid + t + rope_deltas
         positions = jnp.broadcast_to(pos[None, :, None], (3, b, 1))
         c, s = mrope_cos_sin(positions, t_cfg.head_dim, t_cfg.rope_theta, t_cfg.mrope_section)
-        x = jnp.take(model.embed[...], tok[:, None], axis=0).astype(dtype)
-        h, cache_k, cache_v = _layers_scan(
-            model, x, c.astype(dtype), s.astype(dtype), jnp.zeros((b, 1), jnp.int32), jnp.where(slot_valid, 0, -1),
-            jnp.full((b, 1), slot, jnp.int32), k_idx, cache_k, cache_v, slot,
-        )
+        x = constrain(jnp.take(model.embed[...], tok[:, None], axis=0), (None, None, "embed"))  # as the table
+        x = constrain(x.astype(dtype), ("batch", "seq", None))
+        attn_mask = (jnp.zeros((b, 1), jnp.int32), jnp.where(slot_valid, 0, -1), jnp.full((b, 1), slot, jnp.int32), k_idx)
+        h, cache_k, cache_v = _layers_scan(model, x, c.astype(dtype), s.astype(dtype), attn_mask, cache_k, cache_v, slot)
         h = rms_norm(h, model.norm[...], t_cfg.rms_norm_eps)
         logits = model.logits(h)[:, 0].astype(jnp.float32)
         return cache_k, cache_v, slot_valid, logits, done, toks, lps, mask
@@ -113,7 +123,24 @@ def generate_tokens(mdef, params, batch, rope_deltas, key, *, max_new_tokens: in
     return out[5], out[6], out[7]
 
 
-@functools.lru_cache(maxsize=16)
+def _check(max_new_tokens, temperature, top_k, top_p) -> None:
+    if isinstance(max_new_tokens, bool) or int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature!r}")
+    if int(top_k) != top_k or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {top_k!r}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
 def jitted_generate(mdef, max_new_tokens, eos_ids, temperature, top_k, top_p):
+    """The jitted `generate_tokens` for these static settings (cached; bad settings raise ValueError)."""
+    _check(max_new_tokens, temperature, top_k, top_p)
+    return _jitted(mdef, int(max_new_tokens), tuple(eos_ids), float(temperature), int(top_k), float(top_p))
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted(mdef, max_new_tokens, eos_ids, temperature, top_k, top_p):
     return jax.jit(functools.partial(generate_tokens, mdef, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
                                      temperature=temperature, top_k=top_k, top_p=top_p))
