@@ -230,11 +230,86 @@ def add_train_embedder(sub) -> None:
     p.set_defaults(run=run_train_embedder)
 
 
+# ------------------------------------------------------------------------ train-reasoner
+def run_train_reasoner(args) -> int:
+    import json
+
+    from .config import apply_overrides, load_config, to_dict
+    from .rl.trainer import ReasonerRLConfig, ReasonerRLTrainer
+
+    cfg = load_config(args.config, ReasonerRLConfig)
+    overrides = list(args.overrides)
+    if args.steps is not None:
+        overrides.append(f"steps={args.steps}")
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    cfg = apply_overrides(cfg, overrides)
+    _say(f"config: {json.dumps(to_dict(cfg))}")
+    with _Timer("building policy, reference, Embedder, judge, data and the jitted update"):
+        trainer = ReasonerRLTrainer(cfg, args.workdir)
+    if any(trainer.skipped.values()):
+        _say(f"skipped bad records: {trainer.skipped}")
+    with _Timer(f"EG-RL to step {cfg.steps}"):
+        last = trainer.run()
+    _say("last step: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in last.items()))
+    if not args.no_export:
+        with _Timer(f"exporting the Reasoner to {Path(args.workdir) / 'export'}"):
+            trainer.export(Path(args.workdir) / "export", overwrite=True)
+    return 0
+
+
+def add_train_reasoner(sub):
+    p = sub.add_parser("train-reasoner", help="EG-RL: GRPO training of the Reasoner with Embedder rewards",
+                       description="GRPO on the Reasoner with rewards from the frozen Embedder (and a judge), one mesh.")
+    _add_train_args(p, "configs/toy_reasoner_rl.json")
+    p.add_argument("--no-export", action="store_true", help="skip writing the trained Reasoner to WORKDIR/export")
+    p.set_defaults(run=run_train_reasoner)
+
+
+# ------------------------------------------------------------------------ sft-reasoner
+def run_sft_reasoner(args) -> int:
+    import json
+
+    from .config import apply_overrides, load_config, to_dict
+    from .train.sft import SFTConfig, SFTTrainer
+
+    cfg = load_config(args.config, SFTConfig)
+    overrides = list(args.overrides)
+    if args.steps is not None:
+        overrides.append(f"steps={args.steps}")
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    cfg = apply_overrides(cfg, overrides)
+    _say(f"config: {json.dumps(to_dict(cfg))}")
+    with _Timer("building model, data and the jitted step"):
+        trainer = SFTTrainer(cfg, args.workdir)
+    _say(f"data: {trainer.report}")
+    for example in trainer.report.examples:
+        _say(f"skipped: {example}")
+    with _Timer(f"training to step {cfg.steps} and exporting {Path(args.workdir) / 'model'}"):
+        last = trainer.run()
+    if last:
+        _say("last step: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in last.items()))
+    else:
+        _say(f"{args.workdir} is already trained to step {cfg.steps}")
+    return 0
+
+
+def add_sft_reasoner(sub) -> None:
+    p = sub.add_parser("sft-reasoner", help="supervised cold start of the Reasoner on given T-CoTs",
+                       description="Supervised fine-tuning (token-mean NLL of the completions) of the Reasoner on "
+                                   "prompt -> T-CoT samples; exports the HF model to WORKDIR/model.")
+    _add_train_args(p, "configs/sft_reasoner_example.json")
+    p.set_defaults(run=run_sft_reasoner)
+
+
 # verb -> function adding its sub-parser; each sub-parser sets `run(args) -> int`
 VERBS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "convert": add_convert,
     "selfcheck": add_selfcheck,
     "train-embedder": add_train_embedder,
+    "sft-reasoner": add_sft_reasoner,
+    "train-reasoner": add_train_reasoner,
 }
 
 

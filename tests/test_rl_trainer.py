@@ -96,3 +96,20 @@ def test_resume_is_exact(env, tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "split" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2]
     assert all("reward/outcome" in r for r in rows)
+
+
+def test_toy_config_prepares_and_runs_from_the_cli(tmp_path):
+    """The bundled toy config end to end, shortened: toy Embedder, SFT cold start, 2 GRPO steps."""
+    from embedrl_jax.cli import main
+
+    workdir = tmp_path / "toy_rl"
+    rc = main(["train-reasoner", "--config", "configs/toy_reasoner_rl.json", "--workdir", str(workdir),
+               "--steps", "2", "--seed", "3", "toy.embedder_steps=4", "toy.sft_steps=4", "rollout.pairs_per_step=2",
+               "rollout.max_new_tokens=16", "checkpoint_every=1"])
+    assert rc == 0
+    rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(np.isfinite(r["reward/outcome"]) for r in rows)
+    for sub in ("toy/embedder/config.json", "toy/reasoner/config.json", "toy/embedder_eval.json",
+                "export/config.json"):
+        assert (workdir / sub).exists(), sub
