@@ -2,10 +2,10 @@
 
 Every pair hides one *key* word among distractors, on both sides::
 
-    query:    "find tiger river stone"        positive: "photo of tiger lemon comet"
+    query:    "find tiger river"        positive: "photo of tiger lemon"
 
-Three content words per side from a pool of 24; the query and its positive share exactly the
-key. A single-vector embedding of the bare text cannot know which of the three words matters,
+`words` content words per side (default 2) from a pool of 24; the query and its positive share
+exactly the key. A single-vector embedding of the bare text cannot know which word matters,
 so retrieval among pairs that reuse the same words is ambiguous -- unless the T-CoT names the
 key as evidence (``{"text_keywords": ["tiger"]}``).
 
@@ -15,8 +15,8 @@ key as evidence (``{"text_keywords": ["tiger"]}``).
 - *RL data* (``rl_{train,heldout}.jsonl``): the key is always the first word on both sides, a
   rule the Reasoner can discover and the Embedder was never taught; no T-CoTs.
 - *SFT data* (``sft.jsonl``): RL-style prompts with well-formed T-CoTs whose keyword is drawn
-  uniformly from the three words, so a cold-started Reasoner writes the format but names the
-  key only a third of the time. EG-RL's reward is what can teach it the rule.
+  uniformly from the side's words, so a cold-started Reasoner writes the format but names the
+  key only 1/`words` of the time. EG-RL's reward is what can teach it the rule.
 - ``prompts.json``: short templates for the two text prompts and the judge (merged over the
   packaged ones), so tiny models see short prompts.
 
@@ -60,10 +60,10 @@ def tcot_for(words, keyword: str) -> str:
             f"<rethink>{keyword} is named.</rethink><answer>{keyword}</answer>")
 
 
-def _sample_pair(rng: np.random.Generator):
-    picks = rng.choice(len(WORDS), size=5, replace=False)
-    key, q_other, p_other = WORDS[picks[0]], [WORDS[i] for i in picks[1:3]], [WORDS[i] for i in picks[3:5]]
-    return key, q_other, p_other
+def _sample_pair(rng: np.random.Generator, words: int):
+    picks = rng.choice(len(WORDS), size=2 * words - 1, replace=False)
+    key = WORDS[picks[0]]
+    return key, [WORDS[i] for i in picks[1:words]], [WORDS[i] for i in picks[words:]]
 
 
 def _texts(key, q_other, p_other, rng, key_first: bool):
@@ -73,12 +73,14 @@ def _texts(key, q_other, p_other, rng, key_first: bool):
     return q, p
 
 
-def make_toy_keywords(out_dir, *, seed: int = 0, embedder_pairs: int = 4096, rl_pairs: int = 2048,
+def make_toy_keywords(out_dir, *, seed: int = 0, words: int = 2, embedder_pairs: int = 4096, rl_pairs: int = 2048,
                       sft_samples: int = 2048, heldout_pairs: int = 256) -> dict:
     """Write the toy task under `out_dir` (reused when it exists with the same arguments);
     returns the manifest with absolute file paths."""
     out = Path(out_dir)
-    args = dict(version=VERSION, seed=seed, embedder_pairs=embedder_pairs, rl_pairs=rl_pairs,
+    if not 2 <= words <= (len(WORDS) + 1) // 2:
+        raise ValueError(f"words per side must be in [2, {(len(WORDS) + 1) // 2}], got {words}")
+    args = dict(version=VERSION, seed=seed, words=words, embedder_pairs=embedder_pairs, rl_pairs=rl_pairs,
                 sft_samples=sft_samples, heldout_pairs=heldout_pairs)
     manifest_file = out / "manifest.json"
     if manifest_file.exists():
@@ -93,7 +95,7 @@ def make_toy_keywords(out_dir, *, seed: int = 0, embedder_pairs: int = 4096, rl_
     def pairs(n, key_first, with_cot):
         rows = []
         for _ in range(n):
-            key, qo, po = _sample_pair(rng)
+            key, qo, po = _sample_pair(rng, words)
             q, p = _texts(key, qo, po, rng, key_first)
             row = {"qry": f"{QUERY_PREFIX} {' '.join(q)}", "pos_text": f"{POSITIVE_PREFIX} {' '.join(p)}", "key": key}
             if with_cot:
@@ -107,13 +109,13 @@ def make_toy_keywords(out_dir, *, seed: int = 0, embedder_pairs: int = 4096, rl_
     files["rl_heldout"] = pairs(heldout_pairs, key_first=True, with_cot=False)
     sft = []
     for i in range(sft_samples):
-        key, qo, po = _sample_pair(rng)
+        key, qo, po = _sample_pair(rng, words)
         q, p = _texts(key, qo, po, rng, key_first=True)
-        side, words, prefix = ("query", q, QUERY_PREFIX) if i % 2 == 0 else ("positive", p, POSITIVE_PREFIX)
-        task = f"{prefix} {' '.join(words)}"
+        side, side_words, prefix = ("query", q, QUERY_PREFIX) if i % 2 == 0 else ("positive", p, POSITIVE_PREFIX)
+        task = f"{prefix} {' '.join(side_words)}"
         kind = f"{side}_text"
         prompt = PROMPTS["templates"][kind].replace("{task}", task)
-        sft.append({"prompt": prompt, "completion": tcot_for(words, words[int(rng.integers(3))])})
+        sft.append({"prompt": prompt, "completion": tcot_for(side_words, side_words[int(rng.integers(words))])})
     files["sft"] = sft
 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")

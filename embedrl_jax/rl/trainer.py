@@ -73,6 +73,7 @@ class ToyRLConfig:
     """The bundled toy task (data/toy_rl.py): a toy Embedder and an SFT cold start, built under
     WORKDIR/toy on first use and reused afterwards."""
 
+    words: int = 2  # content words per side; the cold-started Reasoner names the key 1/words of the time
     embedder_steps: int = 120
     embedder_lr: float = 3e-3
     embedder_batch: int = 32
@@ -286,7 +287,7 @@ class ReasonerRLTrainer:
 
         toy = self.cfg.toy
         root = self.workdir / "toy"
-        manifest = make_toy_keywords(root / "data", seed=self.cfg.seed)
+        manifest = make_toy_keywords(root / "data", seed=self.cfg.seed, words=toy.words)
         base = root / "base"
         if not (base / "config.json").exists():
             from ..prompts import load_prompts
@@ -336,8 +337,8 @@ class ReasonerRLTrainer:
         from ..data.toy_rl import tcot_for
 
         def wrong(item):
-            words = item["text"].split()[-3:]
-            return dict(item, tcot=tcot_for(words, words[int(rng.integers(3))]))
+            words = item["text"].split()[-toy.words:]
+            return dict(item, tcot=tcot_for(words, words[int(rng.integers(toy.words))]))
 
         report = {}
         for name, f in (("evidence_correct", lambda it: it), ("evidence_random", wrong),
