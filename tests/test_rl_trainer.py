@@ -150,3 +150,17 @@ def test_toy_reasoner_learns(tmp_path):
     assert last > first + 0.05, (first, last)
     evidence = json.loads((tmp_path / "toy" / "embedder_eval.json").read_text())
     assert evidence["evidence_correct"] > 3 * evidence["evidence_random"]
+
+
+def test_one_pair_with_equal_rewards_gives_a_finite_loss(env, tmp_path):
+    """A batch of one pair whose rollouts all score the same: zero advantages, finite loss, no crash."""
+    root, cfg = env
+    cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, pairs_per_step=1),
+                              grpo=GRPOConfig(mini_batches=2, kl_coef=0.01))
+    tr = ReasonerRLTrainer(cfg, tmp_path)
+    tr.reward.embed = lambda items: np.tile(np.eye(8, dtype=np.float32)[:1], (len(items), 1))
+    row = tr.step(next(tr._iterator(0)), 0)
+    assert row["pairs"] == 1
+    assert row["adv/zero_variance_groups"] == 1.0
+    assert all(np.isfinite(v) for v in row.values() if isinstance(v, float))
+    assert row["pg_loss"] == 0.0
