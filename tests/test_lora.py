@@ -48,7 +48,7 @@ def test_fresh_adapters_are_the_identity_and_merge_reproduces_lora(setup):
     params = lora.combine(adapters, handle.params)
     base_hidden = jax.jit(handle.model_def.hidden)(handle.params, batch)
     fresh = jax.jit(mdef.hidden)(params, batch)
-    np.testing.assert_allclose(fresh, base_hidden, atol=1e-6)
+    np.testing.assert_allclose(fresh, base_hidden, atol=1e-5)  # B = 0: equal up to float32 rounding of two programs
     # train-like adapters: random B
     keys = iter(jax.random.split(jax.random.key(2), 100))
     trained = jax.tree_util.tree_map_with_path(

@@ -1,9 +1,11 @@
 """Qwen3 decoder: RMSNorm, GQA attention with q/k norms and M-RoPE, SwiGLU MLP.
 
 Weights are head-split so that tensor parallelism over heads needs no reshapes:
-q [D, N, H], k/v [D, K, H], o [N, H, D]; activations are heads-first
-[B, N, T, H]; einsum letters match the logical names
-(b batch, t time, d embed, n heads, k kv heads, h head_dim, f mlp).
+q [D, N, H], k/v [D, K, H], o [N, H, D]; einsum letters match the logical names
+(b batch, t time, d embed, n heads, k kv heads, h head_dim, f mlp). The projections are
+tokens-first (`btd,dnh->btnh`: a plain [BT, D] x [D, NH] matmul) and the activations are
+swapped to heads-first [B, N, T, H] for attention: with a heads-first einsum XLA:CPU copied a
+transposed weight in every layer of every decode step (and of every training step).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from .rope import apply_rope
 
 class DecoderLayer(nnx.Module):
     EQS = {
-        "q": "btd,dnh->bnth", "k": "btd,dkh->bkth", "v": "btd,dkh->bkth", "o": "bnth,nhd->btd",
+        "q": "btd,dnh->btnh", "k": "btd,dkh->btkh", "v": "btd,dkh->btkh", "o": "btnh,nhd->btd",
         "gate": "btd,df->btf", "up": "btd,df->btf", "down": "btf,fd->btd",
     }
 
@@ -51,13 +53,13 @@ class DecoderLayer(nnx.Module):
 
     def project_qkv(self, x, cos, sin, rng=None):
         y = rms_norm(x, self.input_norm[...], self.eps)
-        q, k, v = (self._lin(n, y, rng) for n in ("q", "k", "v"))
+        q, k, v = (jnp.swapaxes(self._lin(n, y, rng), 1, 2) for n in ("q", "k", "v"))  # heads-first
         q = apply_rope(rms_norm(q, self.q_norm[...], self.eps), cos, sin)
         k = apply_rope(rms_norm(k, self.k_norm[...], self.eps), cos, sin)
         return q, k, v
 
     def finish(self, x, attn_out, rng=None):
-        x = x + self._lin("o", attn_out, rng)
+        x = x + self._lin("o", jnp.swapaxes(attn_out, 1, 2), rng)
         y = rms_norm(x, self.post_norm[...], self.eps)
         y = self._lin("down", jax.nn.silu(self._lin("gate", y, rng)) * self._lin("up", y, rng), rng)
         return constrain(x + y, ("batch", "seq", None))
