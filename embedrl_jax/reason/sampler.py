@@ -76,10 +76,17 @@ def generate_tokens(mdef, params, batch, rope_deltas, key, *, max_new_tokens: in
     logits = model.logits(last)[:, 0].astype(jnp.float32)
     n_valid = prompt_valid.sum(-1).astype(jnp.int32)
 
+    def first_max(x):
+        """argmax as max + smallest matching index: the same first-maximum index, ~3x faster
+        than XLA:CPU's variadic argmax reduce over a 150k vocabulary."""
+        hit = x == jnp.max(x, axis=-1, keepdims=True)
+        idx = jnp.min(jnp.where(hit, jnp.arange(x.shape[-1], dtype=jnp.int32), x.shape[-1]), axis=-1)
+        return jnp.minimum(idx, x.shape[-1] - 1)  # all-NaN rows: a valid id, not V
+
     def pick(logits, k):
-        logp = jax.nn.log_softmax(logits, axis=-1)
+        lse = jax.nn.logsumexp(logits, axis=-1)
         if temperature <= 0:
-            tok = jnp.argmax(logits, axis=-1)
+            tok = first_max(logits)
         else:
             scaled = logits / temperature
             if top_k:
@@ -91,7 +98,8 @@ def generate_tokens(mdef, params, batch, rope_deltas, key, *, max_new_tokens: in
                 cutoff = jnp.take_along_axis(order, jnp.sum(cum < top_p, axis=-1, keepdims=True), axis=-1)
                 scaled = jnp.where(scaled < cutoff, -jnp.inf, scaled)
             tok = jax.random.categorical(k, scaled, axis=-1)
-        return tok.astype(jnp.int32), jnp.take_along_axis(logp, tok[:, None].astype(jnp.int32), axis=-1)[:, 0]
+        tok = tok.astype(jnp.int32)
+        return tok, jnp.take_along_axis(logits, tok[:, None], axis=-1)[:, 0] - lse
 
     eos = jnp.asarray(eos_ids, jnp.int32)
 
