@@ -67,14 +67,14 @@ def test_sharded_generate_equals_one_device(reasoner_dir, single, batch, referen
     arrays, deltas = r.pack(batch, 2)
     t_cfg = r.handle.model_config.text
     rows, total = arrays["input_ids"].shape[0], arrays["input_ids"].shape[1] + N_NEW
-    gen = jitted_generate(r.handle.model_def, N_NEW, r.eos_ids, 0.0, 0, 1.0)
-    with jax.set_mesh(mesh):
-        hlo = gen.lower(r.handle.params, arrays, jnp.asarray(deltas), jax.random.key(0)).compile().as_text()
     data, fsdp, tensor = shape
-    full = f"f32[{t_cfg.num_hidden_layers},{rows},{t_cfg.num_key_value_heads},{total},{t_cfg.head_dim}]"
-    shard = (f"f32[{t_cfg.num_hidden_layers},{rows // (data * fsdp)},{t_cfg.num_key_value_heads // tensor},"
-             f"{total},{t_cfg.head_dim}]")
-    assert full not in hlo and shard in hlo
+    for loop, lead in (("scan", f"{t_cfg.num_hidden_layers},"), ("unrolled", "")):  # stacked / per-layer caches
+        gen = jitted_generate(r.handle.model_def, N_NEW, r.eos_ids, 0.0, 0, 1.0, loop)
+        with jax.set_mesh(mesh):
+            hlo = gen.lower(r.handle.params, arrays, jnp.asarray(deltas), jax.random.key(0)).compile().as_text()
+        full = f"f32[{lead}{rows},{t_cfg.num_key_value_heads},{total},{t_cfg.head_dim}]"
+        shard = f"f32[{lead}{rows // (data * fsdp)},{t_cfg.num_key_value_heads // tensor},{total},{t_cfg.head_dim}]"
+        assert full not in hlo and shard in hlo, loop
 
 
 # ------------------------------------------------------------------------------- the caller's mistakes

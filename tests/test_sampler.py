@@ -23,7 +23,7 @@ def pair(tmp_path_factory):
 
 def _ours(handle, inputs, **kw):
     arrays, info = pack_inputs(handle.model_config, **inputs, pad_to=inputs["input_ids"].shape[1])
-    gen = jitted_generate(handle.model_def, N_NEW, (), kw.get("temperature", 0.0), 0, 1.0)
+    gen = jitted_generate(handle.model_def, N_NEW, (), kw.get("temperature", 0.0), 0, 1.0, kw.get("layer_loop"))
     toks, lps, mask = gen(handle.params, arrays, jnp.asarray(info["rope_deltas"]), jax.random.key(kw.get("seed", 0)))
     return np.asarray(toks), np.asarray(lps), np.asarray(mask)
 
@@ -40,8 +40,9 @@ def _hf(model, inputs):
     return toks, lps
 
 
+@pytest.mark.parametrize("layer_loop", ["scan", "unrolled"])  # accelerators' default, XLA:CPU's default
 @pytest.mark.parametrize("kind", ["text", "image", "video"])
-def test_greedy_matches_transformers_generate(pair, kind):
+def test_greedy_matches_transformers_generate(pair, kind, layer_loop):
     model, handle = pair
     if kind == "text":
         inputs = build_inputs([[12], [7]], padding_side="left")
@@ -52,7 +53,7 @@ def test_greedy_matches_transformers_generate(pair, kind):
         frames = [real_image(n, (64, 64)) for n in ("astronaut", "coffee", "chelsea", "rocket")]
         inputs = build_inputs([[4, ("video", frames), 3]], padding_side="left")
     ref_toks, ref_lps = _hf(model, inputs)
-    toks, lps, mask = _ours(handle, inputs)
+    toks, lps, mask = _ours(handle, inputs, layer_loop=layer_loop)
     assert mask.all()
     np.testing.assert_array_equal(toks, ref_toks)
     np.testing.assert_allclose(lps, ref_lps, atol=1e-4)
