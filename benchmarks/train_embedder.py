@@ -51,14 +51,18 @@ def main():
                                optim=OptimConfig(lr=1e-5, warmup_steps=0, schedule="constant"))
     optimizer = make_optimizer(tcfg.optim, 100)
     update = jax.jit(make_update(mdef, optimizer, tcfg, emb_id), donate_argnums=(0,))
-    state = init_state({"model": handle.params}, optimizer)
+    # as the trainer does for full fine-tuning: the unused LM head is frozen (PyTorch's AdamW
+    # likewise skips it: it gets no gradient)
+    trainable = {k: v for k, v in handle.params.items() if k != "lm_head"}
+    frozen = {k: v for k, v in handle.params.items() if k == "lm_head"}
+    state = init_state({"model": trainable}, optimizer)
     q = jax.device_put(pack_chunks(mdef.config, [q_in], handle.buckets))
     p = jax.device_put(pack_chunks(mdef.config, [p_in], handle.buckets))
     key = jax.random.key(0)
     box = {"state": state}
 
     def jax_step():
-        box["state"], metrics = update(box["state"], {}, q, p, key)
+        box["state"], metrics = update(box["state"], frozen, q, p, key)
         return metrics["loss"].block_until_ready()
 
     # PyTorch: the same loss on the same model, AdamW over all parameters

@@ -79,3 +79,18 @@ def test_export_merges_lora_and_encodes_like_the_trainer(tmp_path):
     ours = trainer.embed_items(items)
     emb = Embedder.from_pretrained(out, input_config=trainer.cfg.inputs)
     np.testing.assert_allclose(emb.encode(items, batch_size=4), ours, atol=1e-5)
+
+
+def test_full_finetuning_trains_everything_but_the_unused_lm_head(tmp_path):
+    """lora=null: every weight the Embedder reads is trained; the LM head stays frozen (no moments)."""
+    trainer = EmbedderTrainer(_cfg("steps=1", "lora=null", "optim.warmup_steps=0", "checkpoint_every=100",
+                                   "async_checkpoints=false"),
+                              tmp_path, mesh=_single())
+    assert "lm_head" not in trainer.state["params"]["model"] and "lm_head" in trainer.frozen
+    before = jax.tree.map(np.asarray, trainer.model_params())
+    trainer.run(progress=False)
+    after = jax.tree.map(np.asarray, trainer.model_params())
+    np.testing.assert_array_equal(before["lm_head"], after["lm_head"])
+    assert not np.array_equal(before["layers"]["q"], after["layers"]["q"])
+    assert not np.array_equal(before["visual"]["blocks"]["fc1"], after["visual"]["blocks"]["fc1"])
+    assert trainer.export(tmp_path / "export").joinpath("config.json").exists()

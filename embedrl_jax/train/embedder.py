@@ -161,12 +161,16 @@ class EmbedderTrainer:
             trainable = init_adapters(self.mdef, jax.random.fold_in(key, 1), shardings)
             frozen = handle.params
         else:
-            trainable = jax.tree.map(lambda x: x.astype(jnp.float32), handle.params)
-            frozen = {}
+            # the Embedder never reads the LM head: keep it out of the optimizer (no moments, no
+            # weight decay), as PyTorch's AdamW skips a parameter without a gradient
+            trainable = jax.tree.map(lambda x: x.astype(jnp.float32),
+                                     {k: v for k, v in handle.params.items() if k != "lm_head"})
+            frozen = {k: v for k, v in handle.params.items() if k == "lm_head"}
         self.frozen = frozen
         self.frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
         self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        self.trainable_shardings = {"model": lora_lib.split(shardings)[0] if cfg.lora is not None else shardings}
+        self.trainable_shardings = {"model": lora_lib.split(shardings)[0] if cfg.lora is not None
+                                    else {k: v for k, v in shardings.items() if k != "lm_head"}}
         trainable = {"model": trainable}
         if cfg.learn_logit_scale:
             trainable["log_scale"] = jnp.log(jnp.float32(cfg.logit_scale))
