@@ -56,8 +56,21 @@ def stacked(n: int, make, rngs: nnx.Rngs):
     return build(rngs)
 
 
-def scan_layers(layers: nnx.Module, body, carry, xs=None, *, remat: bool = False):
-    """lax.scan over a stacked module: body(layer_module, carry, x) -> carry."""
+def unroll_layers() -> bool:
+    """Whether layer loops are unrolled: on XLA:CPU, yes; on accelerators, no (a real scan).
+
+    Why: inside a scan XLA:CPU copies each layer's weights out of the stacked arrays, and each
+    layer's saved activations into stacked buffers, at every iteration; unrolled, it reads
+    them in place (the Embedder's train step ran 21 % faster on the 80M benchmark config).
+    Accelerators do not pay this, and a scan keeps their compile time flat in depth.
+    """
+    return jax.default_backend() == "cpu"
+
+
+def scan_layers(layers: nnx.Module, body, carry, xs=None, *, remat: bool = False, unroll: bool | None = None):
+    """lax.scan over a stacked module: body(layer_module, carry, x) -> carry.
+
+    `unroll` None follows `unroll_layers()`."""
     graphdef, state = nnx.split(layers)
 
     def step(c, inputs):
@@ -67,7 +80,8 @@ def scan_layers(layers: nnx.Module, body, carry, xs=None, *, remat: bool = False
 
     if remat:
         step = jax.checkpoint(step, prevent_cse=False)
-    carry, _ = jax.lax.scan(step, carry, (state, xs))
+    unroll = unroll_layers() if unroll is None else unroll
+    carry, _ = jax.lax.scan(step, carry, (state, xs), unroll=bool(unroll))
     return carry
 
 
