@@ -193,7 +193,7 @@ class ReasonerRLTrainer:
         from ..prompts import load_prompts
         from ..reason.reasoner import Reasoner
         from ..sharding import make_mesh
-        from ..train.state import make_optimizer
+        from ..train.state import make_optimizer, place_state
         from .rollout import EGReward
 
         self.cfg = cfg
@@ -273,7 +273,8 @@ class ReasonerRLTrainer:
                                key_frames_one_based=cfg.key_frames_one_based)
         self.optimizer = make_optimizer(cfg.optim, cfg.steps * g.mini_batches)
         self._build_data(files)
-        self._build_state(trainable, trainable_shardings)
+        self.state, self.state_shardings, self.state_shapes = place_state(
+            trainable, self.optimizer, trainable_shardings, self.mesh)
         self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         frozen_sh = jax.tree.map(lambda x: x.sharding, self.frozen)
         ref_sh = jax.tree.map(lambda x: x.sharding, self.ref_params)
@@ -375,16 +376,6 @@ class ReasonerRLTrainer:
         from ..data import pipeline
 
         return pipeline.pair_iterator(self.sources, self.sampler, start_step=start_step)
-
-    def _build_state(self, trainable, trainable_shardings):
-        from ..train.state import init_state, state_shardings
-
-        state = init_state(trainable, self.optimizer)
-        shapes = jax.eval_shape(lambda s: s, state)
-        self.state_shardings = state_shardings(shapes, jax.eval_shape(lambda t: t, trainable), trainable_shardings,
-                                               self.mesh)
-        self.state = jax.device_put(state, self.state_shardings)
-        self.state_shapes = shapes
 
     def policy_params(self):
         from .. import lora as lora_lib
@@ -492,7 +483,7 @@ class ReasonerRLTrainer:
     def run(self, steps: int | None = None, *, progress: bool = True) -> dict:
         from tqdm import tqdm
 
-        from ..train.checkpoint import TrainCheckpointer, abstract_like
+        from ..train.checkpoint import TrainCheckpointer
         from ..train.metrics import MetricsWriter
         from ..train.state import schedule
 
@@ -500,11 +491,10 @@ class ReasonerRLTrainer:
         total = cfg.steps if steps is None else steps
         ckpt = TrainCheckpointer(self.workdir / "checkpoints", max_to_keep=cfg.keep_checkpoints,
                                  async_save=cfg.async_checkpoints)
+        restored, data_state = ckpt.restore_latest(self.state_shapes, self.state_shardings)
         start = 0
-        latest = ckpt.latest_step()
-        if latest is not None:
-            self.state, data_state = ckpt.restore(latest, abstract_like(self.state_shapes, self.state_shardings))
-            start = int(data_state["step"])
+        if restored is not None:
+            self.state, start = restored, int(data_state["step"])
         it = self._iterator(start)
         writer = MetricsWriter(self.workdir / "metrics.jsonl", resume_step=start, enabled=jax.process_index() == 0)
         lr_fn = schedule(cfg.optim, cfg.steps * cfg.grpo.mini_batches)

@@ -34,6 +34,13 @@ class TrainCheckpointer:
         )
         return out["state"], out["data"]
 
+    def restore_latest(self, state_shapes, state_shardings):
+        """(state, data state) of the latest checkpoint, restored into its shards, or (None, None)."""
+        latest = self.latest_step()
+        if latest is None:
+            return None, None
+        return self.restore(latest, abstract_like(state_shapes, state_shardings))
+
     def wait(self):
         self.manager.wait_until_finished()
 

@@ -137,7 +137,7 @@ class EmbedderTrainer:
         from ..hf import load_hf, param_shardings
         from ..models.qwen3_vl.model import init_adapters, model_def
         from ..sharding import make_mesh
-        from .state import make_optimizer
+        from .state import make_optimizer, place_state
 
         self.cfg = cfg
         self.workdir = Path(workdir)
@@ -177,7 +177,8 @@ class EmbedderTrainer:
             self.trainable_shardings["log_scale"] = self.replicated
         self.optimizer = make_optimizer(cfg.optim, cfg.steps)
         self._build_data()
-        self._build_state(trainable)
+        self.state, self.state_shardings, self.state_shapes = place_state(
+            trainable, self.optimizer, self.trainable_shardings, self.mesh)
         self._update = jax.jit(
             make_update(self.mdef, self.optimizer, cfg, self.token_id),
             in_shardings=(self.state_shardings, self.frozen_shardings, None, None, None),  # batches arrive placed
@@ -274,17 +275,6 @@ class EmbedderTrainer:
     def device_batch(self, arrays):
         return {k: jax.make_array_from_process_local_data(_chunk_sharding(self.mesh, k, v), v) for k, v in arrays.items()}
 
-    # -- state
-    def _build_state(self, trainable):
-        from .state import init_state, state_shardings
-
-        state = init_state(trainable, self.optimizer)
-        shapes = jax.eval_shape(lambda s: s, state)
-        self.state_shardings = state_shardings(shapes, jax.eval_shape(lambda t: t, trainable),
-                                               self.trainable_shardings, self.mesh)
-        self.state = jax.device_put(state, self.state_shardings)
-        self.state_shapes = shapes
-
     # -- eval
     def embed_items(self, items, batch_size: int = 16) -> np.ndarray:
         from ..models.qwen3_vl.inputs import pack_chunks
@@ -324,7 +314,7 @@ class EmbedderTrainer:
     def run(self, steps: int | None = None, *, progress: bool = True) -> dict:
         from tqdm import tqdm
 
-        from .checkpoint import TrainCheckpointer, abstract_like
+        from .checkpoint import TrainCheckpointer
         from .metrics import MetricsWriter
         from .state import schedule
 
@@ -332,11 +322,10 @@ class EmbedderTrainer:
         total = cfg.steps if steps is None else steps
         ckpt = TrainCheckpointer(self.workdir / "checkpoints", max_to_keep=cfg.keep_checkpoints,
                                  async_save=cfg.async_checkpoints)
+        restored, data_state = ckpt.restore_latest(self.state_shapes, self.state_shardings)
         start = 0
-        latest = ckpt.latest_step()
-        if latest is not None:
-            self.state, data_state = ckpt.restore(latest, abstract_like(self.state_shapes, self.state_shardings))
-            start = int(data_state["step"])
+        if restored is not None:
+            self.state, start = restored, int(data_state["step"])
         it = self._iterator(start)
         writer = MetricsWriter(self.workdir / "metrics.jsonl", resume_step=start, enabled=jax.process_index() == 0)
         lr_fn = schedule(cfg.optim, cfg.steps)

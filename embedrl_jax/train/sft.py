@@ -384,7 +384,7 @@ class SFTTrainer:
         from ..models.qwen3_vl.model import init_adapters, model_def
         from ..reason.reasoner import Reasoner
         from ..sharding import make_mesh
-        from .state import make_optimizer
+        from .state import make_optimizer, place_state
 
         self.cfg = cfg
         self.workdir = Path(workdir)
@@ -436,7 +436,8 @@ class SFTTrainer:
         self.frozen_shardings = jax.tree.map(lambda x: x.sharding, self.frozen)
         self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         self.optimizer = make_optimizer(cfg.optim, cfg.steps)
-        self._build_state({"model": trainable})
+        self.state, self.state_shardings, self.state_shapes = place_state(
+            {"model": trainable}, self.optimizer, self.trainable_shardings, self.mesh)
         self.order = SampleOrder(len(self.samples), cfg.batch_size, cfg.seed)
         self._update = jax.jit(
             make_update(self.mdef, self.optimizer, cfg),
@@ -531,17 +532,6 @@ class SFTTrainer:
         return {k: jax.make_array_from_process_local_data(_stacked_sharding(self.mesh, k, v), v)
                 for k, v in arrays.items()}
 
-    # -- state
-    def _build_state(self, trainable):
-        from .state import init_state, state_shardings
-
-        state = init_state(trainable, self.optimizer)
-        shapes = jax.eval_shape(lambda s: s, state)
-        self.state_shardings = state_shardings(shapes, jax.eval_shape(lambda t: t, trainable),
-                                               self.trainable_shardings, self.mesh)
-        self.state = jax.device_put(state, self.state_shardings)
-        self.state_shapes = shapes
-
     def model_params(self):
         from .. import lora as lora_lib
 
@@ -554,7 +544,7 @@ class SFTTrainer:
         last metrics row. With `export`, WORKDIR/model is written at the end."""
         from tqdm import tqdm
 
-        from .checkpoint import TrainCheckpointer, abstract_like
+        from .checkpoint import TrainCheckpointer
         from .metrics import MetricsWriter
         from .state import schedule
 
@@ -562,11 +552,10 @@ class SFTTrainer:
         total = cfg.steps if steps is None else steps
         ckpt = TrainCheckpointer(self.workdir / "checkpoints", max_to_keep=cfg.keep_checkpoints,
                                  async_save=cfg.async_checkpoints)
+        restored, data_state = ckpt.restore_latest(self.state_shapes, self.state_shardings)
         start = 0
-        latest = ckpt.latest_step()
-        if latest is not None:
-            self.state, data_state = ckpt.restore(latest, abstract_like(self.state_shapes, self.state_shardings))
-            start = int(data_state["step"])
+        if restored is not None:
+            self.state, start = restored, int(data_state["step"])
             if int(data_state.get("num_samples", self.order.n)) != self.order.n:
                 ckpt.close()
                 raise ValueError(f"{self.workdir}: the checkpoint was trained on {data_state['num_samples']} samples, "

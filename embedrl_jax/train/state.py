@@ -64,3 +64,11 @@ def state_shardings(state_shapes, params_shapes, param_shardings, mesh):
         return replicated
 
     return jax.tree_util.tree_map_with_path(pick, state_shapes)
+
+
+def place_state(trainable, optimizer: optax.GradientTransformation, trainable_shardings, mesh):
+    """A fresh train state on the mesh: (state, its shardings, its abstract shapes for restores)."""
+    state = init_state(trainable, optimizer)
+    shapes = jax.eval_shape(lambda s: s, state)
+    shardings = state_shardings(shapes, jax.eval_shape(lambda t: t, trainable), trainable_shardings, mesh)
+    return jax.device_put(state, shardings), shardings, shapes
