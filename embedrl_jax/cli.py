@@ -186,27 +186,37 @@ def add_selfcheck(sub) -> None:
 
 
 # ------------------------------------------------------------------------ train-embedder
-def run_train_embedder(args) -> int:
+def _train_config(args, cls):
+    """The verb's config: file or preset, then --steps / --seed, then dotted overrides; echoed."""
     import json
 
     from .config import apply_overrides, load_config, to_dict
-    from .train.embedder import EmbedderTrainConfig, EmbedderTrainer
 
-    cfg = load_config(args.config, EmbedderTrainConfig)
     overrides = list(args.overrides)
     if args.steps is not None:
         overrides.append(f"steps={args.steps}")
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
-    cfg = apply_overrides(cfg, overrides)
+    cfg = apply_overrides(load_config(args.config, cls), overrides)
     _say(f"config: {json.dumps(to_dict(cfg))}")
+    return cfg
+
+
+def _say_last(last: dict) -> None:
+    _say("last step: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in last.items()))
+
+
+def run_train_embedder(args) -> int:
+    from .train.embedder import EmbedderTrainConfig, EmbedderTrainer
+
+    cfg = _train_config(args, EmbedderTrainConfig)
     with _Timer("building model, data and the jitted step"):
         trainer = EmbedderTrainer(cfg, args.workdir)
     if any(trainer.skipped.values()):
         _say(f"skipped bad records: {trainer.skipped}")
     with _Timer(f"training to step {cfg.steps}"):
         last = trainer.run()
-    _say("last step: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in last.items()))
+    _say_last(last)
     if not args.no_export:
         with _Timer(f"exporting the merged Embedder to {Path(args.workdir) / 'export'}"):
             trainer.export(Path(args.workdir) / "export", overwrite=True)
@@ -232,26 +242,16 @@ def add_train_embedder(sub) -> None:
 
 # ------------------------------------------------------------------------ train-reasoner
 def run_train_reasoner(args) -> int:
-    import json
-
-    from .config import apply_overrides, load_config, to_dict
     from .rl.trainer import ReasonerRLConfig, ReasonerRLTrainer
 
-    cfg = load_config(args.config, ReasonerRLConfig)
-    overrides = list(args.overrides)
-    if args.steps is not None:
-        overrides.append(f"steps={args.steps}")
-    if args.seed is not None:
-        overrides.append(f"seed={args.seed}")
-    cfg = apply_overrides(cfg, overrides)
-    _say(f"config: {json.dumps(to_dict(cfg))}")
+    cfg = _train_config(args, ReasonerRLConfig)
     with _Timer("building policy, reference, Embedder, judge, data and the jitted update"):
         trainer = ReasonerRLTrainer(cfg, args.workdir)
     if any(trainer.skipped.values()):
         _say(f"skipped bad records: {trainer.skipped}")
     with _Timer(f"EG-RL to step {cfg.steps}"):
         last = trainer.run()
-    _say("last step: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in last.items()))
+    _say_last(last)
     if not args.no_export:
         with _Timer(f"exporting the Reasoner to {Path(args.workdir) / 'export'}"):
             trainer.export(Path(args.workdir) / "export", overwrite=True)
@@ -268,19 +268,9 @@ def add_train_reasoner(sub):
 
 # ------------------------------------------------------------------------ sft-reasoner
 def run_sft_reasoner(args) -> int:
-    import json
-
-    from .config import apply_overrides, load_config, to_dict
     from .train.sft import SFTConfig, SFTTrainer
 
-    cfg = load_config(args.config, SFTConfig)
-    overrides = list(args.overrides)
-    if args.steps is not None:
-        overrides.append(f"steps={args.steps}")
-    if args.seed is not None:
-        overrides.append(f"seed={args.seed}")
-    cfg = apply_overrides(cfg, overrides)
-    _say(f"config: {json.dumps(to_dict(cfg))}")
+    cfg = _train_config(args, SFTConfig)
     with _Timer("building model, data and the jitted step"):
         trainer = SFTTrainer(cfg, args.workdir)
     _say(f"data: {trainer.report}")
@@ -289,7 +279,7 @@ def run_sft_reasoner(args) -> int:
     with _Timer(f"training to step {cfg.steps} and exporting {Path(args.workdir) / 'model'}"):
         last = trainer.run()
     if last:
-        _say("last step: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in last.items()))
+        _say_last(last)
     else:
         _say(f"{args.workdir} is already trained to step {cfg.steps}")
     return 0
