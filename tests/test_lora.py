@@ -1,4 +1,6 @@
 """LoRA adapters: targets by path pattern, zero-init identity, dropout, merging for export."""
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -73,3 +75,30 @@ def test_split_and_count(setup):
     assert lora.count(params)[0] == sum(x.size for x in jax.tree.leaves(adapters)) > 0
     assert jax.tree.structure(lora.combine(ada, base)) == jax.tree.structure(params)
     assert jax.tree.structure(base) == jax.tree.structure(handle.params)
+
+
+@pytest.mark.parametrize("eq, x_shape, w_shape, two_d", [
+    ("btd,df->btf", (2, 3, 4), (4, 5), True),          # leading dims merged into rows
+    ("btnh,nhd->btd", (2, 3, 4, 5), (4, 5, 6), True),   # two contracted dims merged
+    ("btd,dnh->btnh", (2, 3, 4), (4, 5, 6), True),
+    ("bd,df->bf", (3, 4), (4, 5), True),               # already a plain matmul
+    ("rnsh,nhd->rsd", (2, 4, 3, 5), (4, 5, 6), False),  # contracted dims not trailing x
+    ("rsd,dnh->rnsh", (2, 3, 4), (4, 5, 6), False),     # output not in x-then-w order
+])
+def test_contract_equals_einsum_with_its_gradients(eq, x_shape, w_shape, two_d):
+    import jax.numpy as jnp
+
+    key = jax.random.key(0)
+    x = jax.random.normal(key, x_shape)
+    w = jax.random.normal(jax.random.fold_in(key, 1), w_shape)
+    np.testing.assert_allclose(lora.contract(eq, x, w), jnp.einsum(eq, x, w), rtol=1e-5, atol=1e-5)
+    grads = jax.grad(lambda a, b: jnp.sum(jnp.sin(lora.contract(eq, a, b))), argnums=(0, 1))(x, w)
+    ref = jax.grad(lambda a, b: jnp.sum(jnp.sin(jnp.einsum(eq, a, b))), argnums=(0, 1))(x, w)
+    for g, r in zip(grads, ref):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+    # the merged form is one 2-D dot (no multi-dim dot_general left for XLA to relayout)
+    hlo = jax.jit(lambda a, b: lora.contract(eq, a, b)).lower(x, w).as_text()
+    dots = [line for line in hlo.splitlines() if "dot_general" in line]
+    assert len(dots) == 1
+    ranks = [t.count("x") for t in re.findall(r"tensor<([^>]*)>", dots[0].split(":")[-1])]
+    assert (max(ranks) == 2) == two_d, dots[0]
