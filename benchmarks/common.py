@@ -63,31 +63,44 @@ def time_it(fn, *, warmup=2, repeats=5, min_seconds=3.0):
     return statistics.median(times)
 
 
-def time_interleaved(fns: dict, *, warmup=2, rounds=7):
-    """Median seconds per call for several functions run in alternation, so that drift in
-    machine speed (shared hosts, frequency changes) hits every contender alike."""
+def time_interleaved(fns: dict, *, warmup=2, rounds=5, block=2):
+    """Median seconds per call for several functions run in alternating blocks, so that drift
+    in machine speed (shared hosts, frequency changes) hits every contender alike.
+
+    Each round runs every function `block + 1` times back to back and times the last `block`
+    calls. The untimed first call after a switch absorbs the previous contender's wind-down:
+    PyTorch's OpenMP workers spin-wait after each parallel region and, on 2 cores, took the
+    cores from the next JAX step (a JAX train step timed right after a PyTorch step ran ~30 %
+    slower than in a loop of its own). So the figure is each side's steady-state call, as in
+    a training or decoding loop.
+    """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times = {k: [] for k in fns}
     for _ in range(rounds):
         for k, fn in fns.items():
-            t = time.perf_counter()
             fn()
-            times[k].append(time.perf_counter() - t)
+            for _ in range(block):
+                t = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def matmul_peak(n=2048, dtype="float32"):
-    """FLOP/s of a jitted jnp.dot on this machine: the practical compute ceiling."""
+def matmul_peak(sizes=(1024, 2048), dtype="float32"):
+    """FLOP/s of a jitted jnp.dot on this machine, the best over a few square sizes: the
+    practical compute ceiling (on this 2-core VM 1024^2 sometimes beat 2048^2 by 15 %)."""
     import jax
     import jax.numpy as jnp
 
-    a = jnp.ones((n, n), dtype)
-    b = jnp.ones((n, n), dtype)
     f = jax.jit(lambda x, y: x @ y)
-    sec = min(time_it(lambda: f(a, b).block_until_ready(), min_seconds=1.0) for _ in range(3))
-    return 2 * n**3 / sec
+    best = 0.0
+    for n in sizes:
+        a = jnp.ones((n, n), dtype)
+        sec = min(time_it(lambda: f(a, a).block_until_ready(), min_seconds=1.0) for _ in range(3))
+        best = max(best, 2 * n**3 / sec)
+    return best
 
 
 def forward_flops(cfg: dict, batch: int, seq: int, frame_patches: int, frames: int, lm_head_tokens: int) -> float:

@@ -60,6 +60,7 @@ def main():
 
     peak = common.matmul_peak()
     times = common.time_interleaved({"torch": torch_fwd, "jax": jax_fwd})
+    peak = max(peak, common.matmul_peak())  # the machine drifts: the higher ceiling is the stricter one
     t_torch, t_jax = times["torch"], times["jax"]
     tokens = b * seq
     print(f"config: bench_80m ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), batch {b}, "
@@ -67,7 +68,7 @@ def main():
           f"{common.threads_note()}, jax devices {jax.devices()[0].platform} x{jax.device_count()}")
     print(f"padded shapes (ours): seq {batch['input_ids'].shape[1]}, patch rows {batch['patches'].shape[:2]}")
     print(f"max |logits diff| = {err:.2e}")
-    print(f"matmul peak (jitted jnp.dot 2048^2 f32): {peak / 1e9:.1f} GFLOP/s")
+    print(f"matmul peak (jitted jnp.dot, best of 1024^2 / 2048^2 f32, before and after): {peak / 1e9:.1f} GFLOP/s")
     print(f"{'':14s}{'s/step':>10s}{'tokens/s':>12s}{'GFLOP/s':>10s}{'% peak':>8s}")
     for name, t in (("transformers", t_torch), ("embedrl_jax", t_jax)):
         print(f"{name:14s}{t:10.4f}{tokens / t:12.1f}{flops / t / 1e9:10.1f}{100 * flops / t / peak:7.1f}%")

@@ -68,7 +68,7 @@ def main():
     mine = np.asarray(ours()[0])
     ref = theirs()[:, args.prompt:].numpy()
     agree = float((mine == ref).mean())
-    times = common.time_interleaved({"torch": theirs, "jax": ours}, warmup=1, rounds=3)
+    times = common.time_interleaved({"torch": theirs, "jax": ours}, warmup=1, rounds=3, block=1)
     # prefill alone (1 new token) to separate the decode steps
     gen1 = jitted_generate(handle.model_def, 1, (), 0.0, 0, 1.0)
     prefill = min(common.time_it(lambda: jax.block_until_ready(gen1(handle.params, arrays, deltas, jax.random.key(0))),

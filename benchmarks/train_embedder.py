@@ -91,10 +91,11 @@ def main():
     first = (torch_step(), float(jax_step()))
     peak = common.matmul_peak()
     times = common.time_interleaved({"torch": torch_step, "jax": jax_step}, warmup=1, rounds=5)
+    peak = max(peak, common.matmul_peak())  # the machine drifts: the higher ceiling is the stricter one
     print(f"config: bench_80m, {b} pairs = {2 * b} samples of one {args.side}x{args.side} image + {args.text} text "
           f"tokens ({seq} tokens/sample), full-parameter AdamW, float32, {common.threads_note()}")
     print(f"first-step loss: transformers {first[0]:.4f}, embedrl_jax {first[1]:.4f} (same weights, same batch)")
-    print(f"matmul peak (jitted jnp.dot 2048^2 f32): {peak / 1e9:.1f} GFLOP/s")
+    print(f"matmul peak (jitted jnp.dot, best of 1024^2 / 2048^2 f32, before and after): {peak / 1e9:.1f} GFLOP/s")
     print(f"{'':14s}{'s/step':>10s}{'pairs/s':>10s}{'GFLOP/s':>10s}{'% peak':>8s}")
     for name, key_ in (("transformers", "torch"), ("embedrl_jax", "jax")):
         t = times[key_]
