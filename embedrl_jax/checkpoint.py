@@ -21,7 +21,8 @@ import jax
 import numpy as np
 
 from .fsutil import replace_dir
-from .hf import Qwen3VLHandle, copy_side_files, np_dtype, param_shardings, read_hf_config, single_device_mesh
+from .hf import (Qwen3VLHandle, copy_side_files, load_hf, np_dtype, param_shardings, read_hf_config,
+                 single_device_mesh)
 from .models.qwen3_vl.inputs import Buckets
 from .models.qwen3_vl.model import ModelDef, model_def
 
@@ -152,3 +153,14 @@ def load_orbax(directory, mesh=None, dtype=None, *, buckets: Buckets = Buckets()
     params = restore_params(directory, mdef, mesh, dtype)
     # no source dtypes: export falls back to each parameter's own (restored) dtype
     return Qwen3VLHandle(hf_cfg, mdef, params, mesh, source=directory, source_dtypes={}, buckets=buckets)
+
+
+def load_model(path, *, mesh=None, dtype="float32", what="model") -> Qwen3VLHandle:
+    """Either kind of model directory a user may hand us: orbax (has `params/`, from
+    `save_params` / `save_handle` / a trainer's checkpoint export) or Hugging Face."""
+    path = Path(path)
+    if (path / "params").is_dir():
+        return load_orbax(path, mesh=mesh, dtype=dtype)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{what} directory {path}: no config.json (Hugging Face) or params/ (orbax)")
+    return load_hf(path, dtype=dtype, mesh=mesh)

@@ -155,3 +155,16 @@ def test_config_overrides_and_errors(tmp_path):
         load_config(path, Run)
     with pytest.raises(FileNotFoundError, match="no_such_preset"):
         load_config("no_such_preset", Run, preset_dir=tmp_path)
+
+
+def test_load_model_reads_either_kind_and_names_a_bad_directory(converted, tmp_path):
+    """One loader for every entry point: orbax (has params/) and HF give the same weights."""
+    root, _ = converted
+    from_orbax = checkpoint.load_model(root / "ckpt")
+    from_hf = checkpoint.load_model(root / "hf")
+    assert from_orbax.source == root / "ckpt"
+    for a, b in zip(jax.tree.leaves(from_orbax.params), jax.tree.leaves(from_hf.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(FileNotFoundError, match=r"reasoner directory .*empty: no config.json .* or params/"):
+        (tmp_path / "empty").mkdir()
+        checkpoint.load_model(tmp_path / "empty", what="reasoner")

@@ -116,14 +116,9 @@ class Embedder:
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"embedder directory {path} does not exist")
-        if (path / "params").is_dir():
-            from ..checkpoint import load_orbax
+        from ..checkpoint import load_model
 
-            handle = load_orbax(path, mesh=mesh, dtype=dtype)
-        else:
-            from ..hf import load_hf
-
-            handle = load_hf(path, dtype=dtype, mesh=mesh)
+        handle = load_model(path, mesh=mesh, dtype=dtype, what="embedder")
         config = input_config or InputConfig()
         tokenizer = load_tokenizer(path, config.emb_token)
         processor = load_image_processor(path, handle.config)

@@ -47,12 +47,11 @@ class Reasoner:
     @classmethod
     def from_pretrained(cls, path, *, mesh=None, dtype="float32", input_config: InputConfig = GENERATE_INPUTS,
                         **kw) -> "Reasoner":
-        from ..checkpoint import load_orbax
+        from ..checkpoint import load_model
         from ..embed.embedder import load_image_processor
-        from ..hf import load_hf
 
         path = Path(path)
-        handle = load_orbax(path, mesh=mesh, dtype=dtype) if (path / "params").is_dir() else load_hf(path, dtype=dtype, mesh=mesh)
+        handle = load_model(path, mesh=mesh, dtype=dtype, what="reasoner")
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(path))

@@ -186,9 +186,9 @@ class ReasonerRLTrainer:
 
     def __init__(self, cfg: ReasonerRLConfig, workdir, *, mesh=None):
         from .. import lora as lora_lib
-        from ..checkpoint import load_orbax
+        from ..checkpoint import load_model
         from ..embed.embedder import Embedder, load_image_processor
-        from ..hf import load_hf, param_shardings
+        from ..hf import param_shardings
         from ..models.qwen3_vl.model import init_adapters, model_def
         from ..prompts import load_prompts
         from ..reason.reasoner import Reasoner
@@ -218,12 +218,7 @@ class ReasonerRLTrainer:
         self.policy_dir = policy_dir
 
         def load(path):
-            path = Path(path)
-            if (path / "params").is_dir():
-                return load_orbax(path, mesh=self.mesh, dtype=cfg.base_dtype)
-            if not (path / "config.json").exists():
-                raise FileNotFoundError(f"model directory {path}: no config.json or params/")
-            return load_hf(path, dtype=cfg.base_dtype, mesh=self.mesh)
+            return load_model(path, mesh=self.mesh, dtype=cfg.base_dtype)
 
         handle = load(policy_dir)
         from transformers import AutoTokenizer

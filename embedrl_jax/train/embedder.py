@@ -131,10 +131,10 @@ class EmbedderTrainer:
 
     def __init__(self, cfg: EmbedderTrainConfig, workdir, *, mesh=None):
         from .. import lora as lora_lib
-        from ..checkpoint import load_orbax
+        from ..checkpoint import load_model
         from ..data.inputs import InputBuilder
         from ..embed.embedder import load_image_processor, load_tokenizer
-        from ..hf import load_hf, param_shardings
+        from ..hf import param_shardings
         from ..models.qwen3_vl.model import init_adapters, model_def
         from ..sharding import make_mesh
         from .state import make_optimizer, place_state
@@ -147,8 +147,7 @@ class EmbedderTrainer:
         model_dir = self._model_dir()
         self.tokenizer = load_tokenizer(model_dir, cfg.inputs.emb_token)
         self.token_id = int(self.tokenizer.convert_tokens_to_ids(cfg.inputs.emb_token))
-        handle = load_orbax(model_dir, mesh=self.mesh, dtype=cfg.base_dtype) if (model_dir / "params").is_dir() \
-            else load_hf(model_dir, dtype=cfg.base_dtype, mesh=self.mesh)
+        handle = load_model(model_dir, mesh=self.mesh, dtype=cfg.base_dtype)
         if self.token_id >= handle.model_config.text.vocab_size:
             raise ValueError(f"<emb> id {self.token_id} is outside the model's vocabulary ({handle.model_config.text.vocab_size})")
         self.base = handle

@@ -378,9 +378,9 @@ class SFTTrainer:
 
     def __init__(self, cfg: SFTConfig, workdir, *, mesh=None):
         from .. import lora as lora_lib
-        from ..checkpoint import load_orbax
+        from ..checkpoint import load_model
         from ..embed.embedder import load_image_processor
-        from ..hf import load_hf, param_shardings
+        from ..hf import param_shardings
         from ..models.qwen3_vl.model import init_adapters, model_def
         from ..reason.reasoner import Reasoner
         from ..sharding import make_mesh
@@ -410,8 +410,7 @@ class SFTTrainer:
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
-        handle = load_orbax(self.model_dir, mesh=self.mesh, dtype=cfg.base_dtype) \
-            if (self.model_dir / "params").is_dir() else load_hf(self.model_dir, dtype=cfg.base_dtype, mesh=self.mesh)
+        handle = load_model(self.model_dir, mesh=self.mesh, dtype=cfg.base_dtype)
         self.base = handle
         self.image_processor = load_image_processor(self.model_dir, handle.config)
         # the sampler's own prompt layout (generate mode, left padded)
