@@ -87,10 +87,12 @@ def contract(eq: str, x, w):
     return y.reshape(x.shape[: len(lead)] + w.shape[n:])
 
 
-def lora_einsum(eq: str, x, w, a, b, *, scale: float, dropout: float, rng, name: str):
-    """einsum(eq, x, w) plus the adapter path (dropout only when `rng` is given)."""
+def lora_einsum(eq: str, x, w, a, b, *, scale: float, dropout: float, rng, name: str, merge: bool = True):
+    """einsum(eq, x, w) plus the adapter path (dropout only when `rng` is given); `merge`
+    runs both as `contract` (2-D matmuls) rather than plain einsums."""
     dt = x.dtype
-    y = contract(eq, x, w.astype(dt))
+    mul = contract if merge else jnp.einsum
+    y = mul(eq, x, w.astype(dt))
     if a is None:
         return y
     eq_a, eq_b, *_ = _split_eq(eq)
@@ -99,7 +101,7 @@ def lora_einsum(eq: str, x, w, a, b, *, scale: float, dropout: float, rng, name:
         key = jax.random.fold_in(rng, zlib.crc32(name.encode()) & 0x7FFFFFFF)
         keep = jax.random.bernoulli(key, 1.0 - dropout, x.shape)
         xa = jnp.where(keep, x / (1.0 - dropout), 0).astype(dt)
-    low = contract(eq_a, xa, a.astype(dt))
+    low = mul(eq_a, xa, a.astype(dt))
     return y + scale * jnp.einsum(eq_b, low, b.astype(dt))
 
 

@@ -149,7 +149,7 @@ class EGReward:
                     cand_cols.append(int(cols[np.argmax(s[a, cols])]))
                 cand_rows = [int(other_rows[c]) for c in cand_cols]
                 call = len(prompts)
-                shuffled, perm = shuffle_candidates(cand_rows, self.seed, step * 1_000_003 + call)
+                shuffled, _ = shuffle_candidates(cand_rows, self.seed, step * 1_000_003 + call)
                 prompts.append(render(
                     "judge", self.prompts, query=self._side_text(records, row, n), reasoning=flat[row].strip(),
                     candidates=format_candidates([self._side_text(records, c, n) + "\n" + flat[c].strip()

@@ -42,6 +42,7 @@ def linear(module, name, eq, x, rng=None):
     return lora_einsum(
         eq, x, getattr(module, name)[...], None if a is None else a[...], None if b is None else b[...],
         scale=lora.scale if lora else 0.0, dropout=lora.dropout if lora else 0.0, rng=rng, name=name,
+        merge=getattr(module, "CONTRACT_2D", True),
     )
 
 
