@@ -84,6 +84,7 @@ def test_split_and_count(setup):
     ("bd,df->bf", (3, 4), (4, 5), True),               # already a plain matmul
     ("rnsh,nhd->rsd", (2, 4, 3, 5), (4, 5, 6), False),  # contracted dims not trailing x
     ("rsd,dnh->rnsh", (2, 3, 4), (4, 5, 6), False),     # output not in x-then-w order
+    ("bij,bjk->bik", (2, 3, 4), (2, 4, 5), False),      # a batch dim shared by x and w
 ])
 def test_contract_equals_einsum_with_its_gradients(eq, x_shape, w_shape, two_d):
     import jax.numpy as jnp

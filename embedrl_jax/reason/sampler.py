@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ..models.qwen3_vl.layers import attention, rms_norm, scan_layers
+from ..models.qwen3_vl.layers import attention, rms_norm, scan_layers, unroll_layers
 from ..models.qwen3_vl.rope import mrope_cos_sin
 from ..sharding import constrain
 
@@ -75,7 +75,7 @@ def default_layer_loop() -> str:
     the slice in place). Unrolled, the stacked weights are split once per `generate` call (one
     transient copy of the decoder weights) and every step reads them directly.
     """
-    return "unrolled" if jax.default_backend() == "cpu" else "scan"
+    return "unrolled" if unroll_layers() else "scan"
 
 
 def generate_tokens(mdef, params, batch, rope_deltas, key, *, max_new_tokens: int, eos_ids: tuple[int, ...],
