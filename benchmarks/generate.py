@@ -29,6 +29,40 @@ def stream_bandwidth(nbytes=512 * 2**20):
     return nbytes / sec
 
 
+def decode_matmuls(params, rows: int):
+    """A jitted function doing only a decode step's weight matmuls: `rows` rows times every
+    decoder weight (split per layer, as the sampler's CPU loop reads them) and the LM head.
+
+    Each product feeds the next one's input (a decode step is a chain), through one small
+    elementwise op, and nothing else runs: no norms, attention, cache writes or sampling. Its
+    time is the ceiling XLA:CPU's matmul kernels put on a decode step at this batch size.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    layers = params["layers"]
+    n = jax.tree.leaves(layers)[0].shape[0]
+    mats = []
+    for i in range(n):
+        for name in ("q", "k", "v", "o", "gate", "up", "down"):
+            w = layers[name][i]
+            # o is [heads, head_dim, D] (two contracted dims); the others are [in, out...]
+            mats.append(w.reshape(-1, w.shape[-1]) if name == "o" else w.reshape(w.shape[0], -1))
+    mats.append(params["lm_head"] if "lm_head" in params else params["embed"].T)
+    mats = [jnp.asarray(m) for m in mats]  # per-layer copies, made once, as the sampler does
+    width = max(m.shape[0] for m in mats)
+
+    @jax.jit
+    def chain(x0, ws):
+        y = jnp.zeros((rows, 1), x0.dtype)
+        for w in ws:
+            y = (x0[:, : w.shape[0]] + y[:, :1]) @ w
+        return y[:, :1]
+
+    x0 = jnp.full((rows, width), 1e-3, jnp.float32)
+    return lambda: chain(x0, mats).block_until_ready()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=8)
@@ -85,6 +119,7 @@ def main():
     all_bytes = nbytes(p)
     bw = stream_bandwidth()
     bound = weight_bytes / bw
+    matmuls = min(common.time_it(decode_matmuls(p, args.batch), min_seconds=1.0) for _ in range(3))
     new = args.batch * args.new
     print(f"config: bench_80m ({all_bytes / 1e6:.0f} MB of float32 weights, {weight_bytes / 1e6:.0f} MB read per "
           f"decode step), batch {args.batch} text prompts of "
@@ -96,6 +131,8 @@ def main():
     print(f"ratio embedrl_jax / transformers (new tokens/s): {times['torch'] / times['jax']:.2f}x")
     print(f"decode step {1e3 * step:.1f} ms; decode-read weights / streaming bandwidth ({bw / 1e9:.1f} GB/s) = {1e3 * bound:.1f} ms "
           f"-> {100 * bound / step:.0f} % of the bandwidth bound")
+    print(f"the decode step's weight matmuls alone ({args.batch} rows, nothing else): {1e3 * matmuls:.1f} ms "
+          f"-> {100 * bound / matmuls:.0f} % of the bandwidth bound (XLA:CPU's ceiling for a decode step here)")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,11 @@ assert jax.device_count() == 8, jax.devices()
 
 # Trainers built several times in one test (resume, sharded vs single) compile identical
 # programs: a per-session persistent cache turns the repeats into loads.
+import atexit  # noqa: E402
+import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
-jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="embedrl-jax-cache-"))
+_CACHE_DIR = tempfile.mkdtemp(prefix="embedrl-jax-cache-")
+atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)  # per session: leave nothing in /tmp
+jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

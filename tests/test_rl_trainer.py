@@ -104,6 +104,28 @@ def test_resume_is_exact(env, tmp_path):
     assert all("reward/outcome" in r for r in rows)
 
 
+def test_rollouts_end_at_the_stop_string(env, tmp_path):
+    """Rollout texts are cut after the first stop string and the tokens past it leave the mask."""
+    root, cfg = env
+    seen = {}
+
+    def step(stop, name):
+        tr = ReasonerRLTrainer(dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, stop=stop)),
+                               tmp_path / name)
+        reward = tr.reward
+        tr.reward = lambda records, texts, step: seen.setdefault(name, texts) and reward(records, texts, step)
+        return tr.step(next(tr._iterator(0)), 0)
+
+    free = step((), "free")
+    texts = [t for group in seen["free"] for t in group]
+    full = next(t for t in texts if len(t) >= 4 and "\ufffd" not in t[1:3])
+    stop = full[1:3]  # a string the policy writes at this step, with text after it
+    cut = step((stop,), "cut")
+    for a, b in zip(texts, (t for group in seen["cut"] for t in group)):
+        assert b == (a[: a.find(stop) + len(stop)] if stop in a else a)
+    assert cut["response_length"] < free["response_length"]
+
+
 def test_toy_config_prepares_and_runs_from_the_cli(tmp_path):
     """The bundled toy config end to end, shortened: toy Embedder, SFT cold start, 2 GRPO steps."""
     from embedrl_jax.cli import main

@@ -44,6 +44,10 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = 0
     max_prompt_tokens: int = 14336  # a pair with a longer prompt is dropped (counted)
+    # A completion ends at the first of these: its text is cut there and the tokens after it
+    # leave the completion mask, so rewards, log-probs and the loss never see text past the
+    # T-CoT's answer (the policy is not trained on, or rewarded for, whatever it writes after).
+    stop: tuple[str, ...] = ("</answer>",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -452,8 +456,8 @@ class ReasonerRLTrainer:
             return {"step": step + 1, "skipped_pairs": dropped}
         key = jax.random.fold_in(jax.random.key(cfg.seed), step)
         gen = self.reasoner.generate(batch, n=r.samples, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                                     top_p=r.top_p, top_k=r.top_k, params=self.policy_params(), model_def=self.mdef,
-                                     key=key)
+                                     top_p=r.top_p, top_k=r.top_k, stop=r.stop, params=self.policy_params(),
+                                     model_def=self.mdef, key=key)
         t1 = time.perf_counter()
         rewards = self.reward(records, gen.texts, step)
         adv = np.asarray(lookup("advantage", cfg.grpo.advantage)(jnp.asarray(rewards.total), r.samples))
