@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from .fsutil import replace_dir
+from .fsutil import replace_dir, sync_processes
 from .hf import (Qwen3VLHandle, copy_side_files, load_hf, np_dtype, param_shardings, read_hf_config,
                  single_device_mesh)
 from .models.qwen3_vl.inputs import Buckets
@@ -34,13 +34,6 @@ def _checkpointer():
     import orbax.checkpoint as ocp
 
     return ocp.Checkpointer(ocp.StandardCheckpointHandler())
-
-
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 def _key(path) -> str:
@@ -67,7 +60,7 @@ def save_params(directory, params, *, config_json: dict, side_files_from=None, o
     if primary:
         shutil.rmtree(tmp, ignore_errors=True)  # left over from a crashed save
         tmp.mkdir(parents=True)
-    _sync("embedrl_save_params_start")
+    sync_processes("embedrl_save_params_start")
     try:
         _checkpointer().save(tmp / PARAMS_DIR, args=_standard_save(params))
         if primary:
@@ -78,7 +71,7 @@ def save_params(directory, params, *, config_json: dict, side_files_from=None, o
         if primary:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _sync("embedrl_save_params_done")
+    sync_processes("embedrl_save_params_done")
     return directory
 
 

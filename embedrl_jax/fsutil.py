@@ -21,3 +21,53 @@ def replace_dir(tmp, dest) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, dest)
+
+
+def write_text_atomic(path, text: str) -> None:
+    """Write a small file through a uniquely named temporary sibling and a rename."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_run_config(workdir, config_dict: dict) -> None:
+    """WORKDIR/config.json of a run, written by process 0 only (one writer per shared workdir)."""
+    import json
+
+    import jax
+
+    if jax.process_index() == 0:
+        write_text_atomic(Path(workdir) / "config.json", json.dumps(config_dict, indent=2))
+
+
+def sync_processes(name: str) -> None:
+    """A barrier across the processes of a multi-host run (nothing with one process)."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def primary_first(build, name: str):
+    """`build()` on process 0 first, then on every other process once process 0 is done.
+
+    Why: in a multi-host run every host runs the same set-up code against one work directory;
+    a shared directory is then written by process 0 alone and the others find it ready (with
+    per-host directories each host builds its own, deterministic, copy). Process 0 reaches the
+    barrier even when its build fails, so the others do not hang; they then fail on their own.
+    """
+    import jax
+
+    if jax.process_index() == 0:
+        try:
+            return build()
+        finally:
+            sync_processes(name)
+    sync_processes(name)
+    return build()

@@ -18,7 +18,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from . import safetensors_io as st
-from .fsutil import replace_dir
+from .fsutil import replace_dir, sync_processes
 from .models.qwen3_vl.config import Qwen3VLConfig
 from .models.qwen3_vl.inputs import HF_INPUT_NAMES, Buckets, pack_inputs
 from .models.qwen3_vl.mapping import Mapping, Row, get_path, set_path, stack_size
@@ -258,14 +258,17 @@ def save_hf(handle: Qwen3VLHandle, out_dir, *, max_shard_bytes: int = 5 * 2**30,
 
     Everything is written into a temporary sibling directory that is renamed into place
     at the end, so a failure never leaves a half-written export. Tensors keep the dtype
-    they were loaded with unless `dtype` is given.
+    they were loaded with unless `dtype` is given. In a multi-host run every process must
+    call this (each tensor is gathered collectively) and process 0 alone writes.
     """
     out_dir = Path(out_dir)
+    primary = jax.process_index() == 0
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True to replace it)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    if primary:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
     try:
         tensors = list(hf_tensors(handle.model_def, handle.params, handle.source_dtypes, dtype))
         sizes = [(k, int(np.prod(s, dtype=np.int64)) * d.itemsize) for k, s, d, _ in tensors]
@@ -278,20 +281,28 @@ def save_hf(handle: Qwen3VLHandle, out_dir, *, max_shard_bytes: int = 5 * 2**30,
             else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         )
         for name, keys in zip(names, shards):
-            st.write_file(tmp / name, [(k, thunks[k]()) for k in keys])
+            if primary:
+                st.write_file(tmp / name, [(k, thunks[k]()) for k in keys])
+            else:
+                for k in keys:  # the gathers are collective: every process takes part, in order
+                    thunks[k]()
             weight_map.update({k: name for k in keys})
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": sum(s for _, s in sizes)}, "weight_map": weight_map}
-            (tmp / st.INDEX_NAME).write_text(json.dumps(index, indent=2))
-        cfg = handle.config.to_dict() if hasattr(handle.config, "to_dict") else dict(handle.config)
-        cfg["tie_word_embeddings"] = handle.model_config.tie_word_embeddings
-        if handle.model_config.emb_token_ids:
-            cfg["emb_token_ids"] = list(handle.model_config.emb_token_ids)
-        cfg.update(extra_config or {})
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
-        copy_side_files(handle.source, tmp)
-        replace_dir(tmp, out_dir)
+        if primary:
+            if len(shards) > 1:
+                index = {"metadata": {"total_size": sum(s for _, s in sizes)}, "weight_map": weight_map}
+                (tmp / st.INDEX_NAME).write_text(json.dumps(index, indent=2))
+            cfg = handle.config.to_dict() if hasattr(handle.config, "to_dict") else dict(handle.config)
+            cfg["tie_word_embeddings"] = handle.model_config.tie_word_embeddings
+            if handle.model_config.emb_token_ids:
+                cfg["emb_token_ids"] = list(handle.model_config.emb_token_ids)
+            cfg.update(extra_config or {})
+            (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+            copy_side_files(handle.source, tmp)
+            replace_dir(tmp, out_dir)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if primary:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        sync_processes("embedrl_save_hf")  # no process reads the export before process 0 has published it
     return out_dir

@@ -9,12 +9,13 @@ frameworks). Writes WORKDIR/selfcheck.json.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from .fsutil import write_text_atomic
 
 
 def _say(msg):
@@ -22,9 +23,7 @@ def _say(msg):
 
 
 def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2))
 
 
 def _cases(config, processor):

@@ -133,3 +133,49 @@ def constrain(x: jax.Array, names: Sequence[str | None], rules=RULES) -> jax.Arr
     if mesh.empty:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(names, x.shape, mesh, rules))
+
+
+def hosts_max(values: Sequence[int]) -> tuple[int, ...]:
+    """Elementwise max of a small int vector over all processes (a collective; one process: itself)."""
+    if jax.process_count() == 1:
+        return tuple(int(v) for v in values)
+    from jax.experimental import multihost_utils
+
+    every = np.asarray(multihost_utils.process_allgather(np.asarray(values, np.int32)))
+    return tuple(int(v) for v in every.reshape(jax.process_count(), -1).max(axis=0))
+
+
+def global_batch(mesh, arrays: dict[str, np.ndarray], axes: dict[str, Sequence[str | None]]) -> dict[str, jax.Array]:
+    """Each process's own rows -> global arrays: the global "batch" dim is the processes' rows
+    concatenated in process order, sharded by the rules table.
+
+    `axes[k]` holds the logical names of `arrays[k]` with exactly one "batch". With several
+    processes the batch dim must be sharded across them: were it replicated, each host's
+    different rows would be taken for one replicated value (silently wrong data), so that
+    raises a ValueError naming the array. One process may replicate an indivisible batch.
+    """
+    n = jax.process_count()
+    out = {}
+    for k, v in arrays.items():
+        names = tuple(axes[k])
+        b = names.index("batch")
+        shape = list(v.shape)
+        shape[b] *= n
+        spec = logical_to_spec(names, shape, mesh)
+        if n > 1 and spec[b] is None:
+            size = _axis_size(mesh, dict(RULES)["batch"])
+            raise ValueError(f"{k}: a global batch of {shape[b]} rows ({n} processes x {v.shape[b]}) cannot be split "
+                             f"over the mesh's batch axes ({size} devices); make it a multiple of {size}")
+        sharding = NamedSharding(mesh, spec)
+        if n > 1:
+            # the processes' rows must sit side by side in process order (callers rely on it,
+            # e.g. to offset indices into the concatenated rows)
+            slices = {idx[b].indices(shape[b])[:2] for idx in sharding.addressable_devices_indices_map(tuple(shape)).values()}
+            lo, hi = min(a for a, _ in slices), max(z for _, z in slices)
+            p = jax.process_index()
+            if (lo, hi) != (p * v.shape[b], (p + 1) * v.shape[b]):
+                raise ValueError(f"{k}: process {p} holds batch rows {lo}:{hi} of {shape[b]}, not its own block "
+                                 f"{p * v.shape[b]}:{(p + 1) * v.shape[b]}; lay the mesh out with the processes "
+                                 "along its batch axes (data, fsdp)")
+        out[k] = jax.make_array_from_process_local_data(sharding, v, tuple(shape))
+    return out

@@ -78,3 +78,39 @@ def test_sharded_forward_equals_single_device(mesh, tmp_path):
     batch, _ = sharded.prepare(**inputs)
     assert batch["input_ids"].sharding.spec == P(("data", "fsdp"), None)
     np.testing.assert_allclose(sharded.logits(**inputs), single.logits(**inputs), atol=1e-5, rtol=0)
+
+
+def test_host_shares_join_into_one_batch(tmp_path):
+    """Two hosts' separately packed rows, side by side, embed each sample as if packed alone:
+    `host_share` moves the second host's visual index past the first host's patch rows."""
+    from embedrl_jax.hf import BATCH_AXES
+    from embedrl_jax.models.qwen3_vl.inputs import batches_shape, host_share, pack_chunks
+
+    tiny_hf_model().save_pretrained(tmp_path)
+    handle = embedrl_jax.load_hf(tmp_path)
+    cfg = handle.model_config
+    a = build_inputs([[4, ("image", real_image("astronaut", (96, 64))), 3]], rng=np.random.default_rng(1))
+    b = build_inputs([[2, ("image", real_image("coffee", (64, 128))), 6]], rng=np.random.default_rng(2))
+    shape = batches_shape(cfg, [a, b])  # what hosts_shape agrees on
+    packed = [pack_chunks(cfg, [x], shape=shape) for x in (a, b)]
+
+    def hidden(arrays):
+        return np.asarray(jax.jit(handle.model_def.hidden)(handle.params, {k: v[0] for k, v in arrays.items()}))
+
+    def join(first, second):
+        return {k: np.concatenate([first[k], second[k]], axis=1 + BATCH_AXES[k].index("batch")) for k in first}
+
+    alone = [hidden(p) for p in packed]
+    joined = hidden(join(packed[0], host_share(cfg, packed[1], 1)))
+    np.testing.assert_allclose(joined, np.concatenate(alone), atol=1e-5, rtol=0)
+    naive = hidden(join(*packed))  # without the shift the second sample sees the first one's image
+    assert np.abs(naive[1] - alone[1][0]).max() > 1e-2
+
+
+def test_global_batch_refuses_a_batch_it_cannot_split_over_hosts(mesh, monkeypatch):
+    from embedrl_jax.sharding import global_batch
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    arrays = {"input_ids": np.zeros((1, 8), np.int32)}  # 2 rows in all, over 4 batch devices
+    with pytest.raises(ValueError, match="input_ids: a global batch of 2 rows"):
+        global_batch(mesh, arrays, {"input_ids": ("batch", None)})

@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from ..models.qwen3_vl.inputs import Buckets, frame_patch_counts, pack_inputs, vision_shape
+from ..models.qwen3_vl.inputs import Buckets, Shape, batches_shape, pack_inputs
 
 __all__ = ["pack_prompts", "left_pad", "repeat_samples", "with_completions", "completion_logprobs"]
 
@@ -32,20 +32,18 @@ def left_pad(arrays: Mapping[str, np.ndarray], pad: int) -> dict[str, np.ndarray
 
 
 def pack_prompts(cfg, batches: Sequence[Mapping[str, np.ndarray]], buckets: Buckets = Buckets(),
-                 *, seq: int | None = None) -> tuple[list[dict[str, np.ndarray]], list[np.ndarray]]:
+                 *, shape: Shape | None = None) -> tuple[list[dict[str, np.ndarray]], list[np.ndarray]]:
     """Left-padded transformers-named prompt batches -> packed arrays of one shape each.
 
-    Every batch is packed at its own length, then left-padded to the common bucketed length
-    (or `seq`), and its vision rows are padded to the common (rows, row_len), so the results
-    can be stacked. Returns (arrays per batch, rope deltas per batch).
+    Every batch is packed at its own length, then left-padded to the common bucketed length,
+    and its vision rows are padded to the common (rows, row_len) -- or both come from `shape`
+    -- so the results can be stacked. Returns (arrays per batch, rope deltas per batch).
     """
     batches = [{k: np.asarray(v) for k, v in b.items() if v is not None} for b in batches]
     longest = max(b["input_ids"].shape[1] for b in batches)
-    seq = buckets.seq(longest) if seq is None else int(seq)
+    seq, vision = batches_shape(cfg, batches, buckets) if shape is None else shape
     if seq < longest:
         raise ValueError(f"prompt of {longest} tokens does not fit the padded length {seq}")
-    shapes = [vision_shape(cfg, s, buckets) for s in (frame_patch_counts(**b) for b in batches) if s]
-    vision = (max(r for r, _ in shapes), max(n for _, n in shapes)) if shapes else None
     out, deltas = [], []
     for b in batches:
         length = b["input_ids"].shape[1]

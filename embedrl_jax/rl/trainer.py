@@ -24,6 +24,7 @@ import numpy as np
 
 from ..config import to_dict
 from ..data.inputs import InputConfig
+from ..fsutil import write_run_config
 from ..lora import LoraConfig
 from ..models.qwen3_vl.inputs import Buckets
 from ..reason.reasoner import GENERATE_INPUTS
@@ -217,7 +218,7 @@ class ReasonerRLTrainer:
                 raise ValueError("set policy= and embedder= (model directories), or toy= for the bundled toy task")
             policy_dir, embedder_dir = Path(cfg.policy), Path(cfg.embedder)
             files, prompts_file = cfg.data.files, cfg.data.prompts
-        (self.workdir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        write_run_config(self.workdir, to_dict(cfg))
         self.prompts = load_prompts(prompts_file)
         self.policy_dir = policy_dir
 

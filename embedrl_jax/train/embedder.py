@@ -19,6 +19,7 @@ import numpy as np
 
 from ..config import to_dict
 from ..data.inputs import InputConfig
+from ..fsutil import primary_first, write_run_config
 from ..lora import LoraConfig
 from ..models.qwen3_vl.inputs import Buckets
 from ..sharding import MeshConfig
@@ -142,7 +143,7 @@ class EmbedderTrainer:
         self.cfg = cfg
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        (self.workdir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        write_run_config(self.workdir, to_dict(cfg))
         self.mesh = mesh or make_mesh(cfg.mesh)
         model_dir = self._model_dir()
         self.tokenizer = load_tokenizer(model_dir, cfg.inputs.emb_token)
@@ -193,11 +194,15 @@ class EmbedderTrainer:
                 raise FileNotFoundError(f"model {path}: no config.json")
             return path
         path = self.workdir / "tiny_base"
-        if not (path / "config.json").exists():
-            from ..data.toy import make_toy_retrieval
 
-            manifest = make_toy_retrieval(self.workdir / "data")
-            build_tiny_base(path, seed=self.cfg.seed, corpus=toy_corpus(manifest) + [self.cfg.inputs.suffix])
+        def build():
+            if not (path / "config.json").exists():
+                from ..data.toy import make_toy_retrieval
+
+                manifest = make_toy_retrieval(self.workdir / "data")
+                build_tiny_base(path, seed=self.cfg.seed, corpus=toy_corpus(manifest) + [self.cfg.inputs.suffix])
+
+        primary_first(build, "embedrl_tiny_base")
         return path
 
     # -- data
@@ -210,7 +215,7 @@ class EmbedderTrainer:
         heldout = {}
         mmeb, hound = list(cfg.mmeb), list(cfg.llavahound)
         if cfg.toy:
-            manifest = make_toy_retrieval(self.workdir / "data")
+            manifest = primary_first(lambda: make_toy_retrieval(self.workdir / "data"), "embedrl_toy_data")
             for name, d in manifest["datasets"].items():
                 target = (mmeb if d["format"] == "mmeb" else hound) if d["split"] == "train" else None
                 if target is not None:
@@ -256,7 +261,7 @@ class EmbedderTrainer:
 
     def host_batch(self, records):
         """One step's records -> (q chunks, p chunks) packed arrays [C, ...] for this host."""
-        from ..models.qwen3_vl.inputs import pack_chunks
+        from ..models.qwen3_vl.inputs import batches_shape, hosts_shape, pack_chunks
 
         c = self.cfg.grad_cache_chunks
         if len(records) % c:
@@ -267,12 +272,22 @@ class EmbedderTrainer:
         ps = [strip(r.positive) for r in records]
         size = len(records) // c
         cfg = self.mdef.config
-        q = pack_chunks(cfg, [self.builder.build(qs[i * size:(i + 1) * size]) for i in range(c)], self.cfg.buckets)
-        p = pack_chunks(cfg, [self.builder.build(ps[i * size:(i + 1) * size]) for i in range(c)], self.cfg.buckets)
-        return q, p
+        buckets = self.cfg.buckets
+        out = []
+        for side in (qs, ps):
+            built = [self.builder.build(side[i * size:(i + 1) * size]) for i in range(c)]
+            # every host packs its share alike: the global arrays are the hosts' rows side by side
+            out.append(pack_chunks(cfg, built, buckets, shape=hosts_shape(batches_shape(cfg, built, buckets))))
+        return tuple(out)
 
     def device_batch(self, arrays):
-        return {k: jax.make_array_from_process_local_data(_chunk_sharding(self.mesh, k, v), v) for k, v in arrays.items()}
+        """This host's [C, b, ...] chunks -> global arrays (the hosts' rows side by side per chunk)."""
+        from ..hf import BATCH_AXES
+        from ..models.qwen3_vl.inputs import host_share
+        from ..sharding import global_batch
+
+        arrays = host_share(self.mdef.config, arrays, jax.process_index())
+        return global_batch(self.mesh, arrays, {k: (None,) + BATCH_AXES[k] for k in arrays})
 
     # -- eval
     def embed_items(self, items, batch_size: int = 16) -> np.ndarray:
@@ -290,7 +305,11 @@ class EmbedderTrainer:
 
     @functools.cache
     def _eval_fn(self):
-        return jax.jit(functools.partial(embed_fn, self.mdef, self.token_id, jnp.dtype(self.cfg.compute_dtype), False))
+        from jax.sharding import NamedSharding, PartitionSpec as P
+
+        # replicated embeddings: every host can read them (a multi-host run evaluates on each)
+        return jax.jit(functools.partial(embed_fn, self.mdef, self.token_id, jnp.dtype(self.cfg.compute_dtype), False),
+                       out_shardings=NamedSharding(self.mesh, P()))
 
     def model_params(self):
         from .. import lora as lora_lib
@@ -366,17 +385,6 @@ class EmbedderTrainer:
         out = save_hf(handle, out_dir, overwrite=overwrite, extra_config={"emb_token_ids": [self.token_id]})
         self.tokenizer.save_pretrained(out)
         return out
-
-
-def _chunk_sharding(mesh, name, value):
-    """[C, ...] chunk-stacked arrays: the per-chunk batch dim is sharded over (data, fsdp)."""
-    from jax.sharding import NamedSharding
-
-    from ..hf import BATCH_AXES
-    from ..sharding import logical_to_spec
-
-    names = (None,) + BATCH_AXES[name]
-    return NamedSharding(mesh, logical_to_spec(names, value.shape, mesh))
 
 
 def toy_corpus(manifest) -> list[str]:

@@ -42,6 +42,7 @@ import numpy as np
 from ..config import to_dict
 from ..data.inputs import InputConfig
 from ..data.records import RecordError
+from ..fsutil import write_run_config
 from ..lora import LoraConfig
 from ..models.qwen3_vl.inputs import Buckets
 from ..reason.reasoner import GENERATE_INPUTS
@@ -361,17 +362,6 @@ def make_update(mdef, optimizer, cfg: SFTConfig):
 _STACKED_AXES = {"mask": ("batch", None)}
 
 
-def _stacked_sharding(mesh, name, value):
-    """[M, ...] micro-batch-stacked arrays: the per-micro-batch batch dim is sharded over (data, fsdp)."""
-    from jax.sharding import NamedSharding
-
-    from ..hf import BATCH_AXES
-    from ..sharding import logical_to_spec
-
-    names = (None,) + (_STACKED_AXES.get(name) or BATCH_AXES[name])
-    return NamedSharding(mesh, logical_to_spec(names, value.shape, mesh))
-
-
 # ------------------------------------------------------------------ host side
 class SFTTrainer:
     """Builds model, data and the jitted step from a config; runs (or resumes) SFT in WORKDIR."""
@@ -390,7 +380,7 @@ class SFTTrainer:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._check_config()
-        (self.workdir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        write_run_config(self.workdir, to_dict(cfg))
         self.mesh = mesh or make_mesh(cfg.mesh)
         self.process = (jax.process_index(), jax.process_count())
         if cfg.batch_size % (cfg.micro_batches * self.process[1]):
@@ -500,6 +490,7 @@ class SFTTrainer:
 
     def host_batch(self, step: int) -> dict[str, np.ndarray]:
         """One step's samples -> micro-batch-stacked sequence arrays [M, R, P + T] and ``mask`` [M, R, T]."""
+        from ..models.qwen3_vl.inputs import batches_shape, hosts_shape
         from ..reason.sequences import pack_prompts, with_completions
 
         cfg = self.cfg
@@ -513,7 +504,9 @@ class SFTTrainer:
                 prepared.append(self.reasoner.prepare([self.samples[i].prompt for i in g]))
             except (ValueError, RecordError) as e:
                 raise ValueError(f"samples {[self.samples[i].source for i in g]}: {e}") from None
-        arrays, deltas = pack_prompts(self.mdef.config, prepared, cfg.buckets)
+        # every host packs its share alike: the global arrays are the hosts' rows side by side
+        shape = hosts_shape(batches_shape(self.mdef.config, prepared, cfg.buckets))
+        arrays, deltas = pack_prompts(self.mdef.config, prepared, cfg.buckets, shape=shape)
         seqs = []
         for a, d, g in zip(arrays, deltas, groups):
             tokens = np.zeros((len(g), t), np.int32)
@@ -528,8 +521,13 @@ class SFTTrainer:
         return {k: np.stack([s[k] for s in seqs]) for k in seqs[0]}
 
     def device_batch(self, arrays):
-        return {k: jax.make_array_from_process_local_data(_stacked_sharding(self.mesh, k, v), v)
-                for k, v in arrays.items()}
+        """This host's [M, b, ...] micro-batches -> global arrays (the hosts' rows side by side)."""
+        from ..hf import BATCH_AXES
+        from ..models.qwen3_vl.inputs import host_share
+        from ..sharding import global_batch
+
+        arrays = host_share(self.mdef.config, arrays, jax.process_index())
+        return global_batch(self.mesh, arrays, {k: (None,) + (_STACKED_AXES.get(k) or BATCH_AXES[k]) for k in arrays})
 
     def model_params(self):
         from .. import lora as lora_lib

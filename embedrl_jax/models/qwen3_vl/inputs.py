@@ -131,13 +131,50 @@ def frame_patch_counts(image_grid_thw=None, video_grid_thw=None, **_) -> list[in
     return sizes
 
 
-def pack_chunks(cfg: Qwen3VLConfig, batches: list[dict], buckets: Buckets = Buckets()) -> dict[str, np.ndarray]:
-    """Several transformers-named batches packed to one shape and stacked on a leading chunk axis."""
+Shape = tuple[int, "tuple[int, int] | None"]  # (padded sequence length, vision (rows, row_len) or None)
+
+
+def batches_shape(cfg: Qwen3VLConfig, batches: list[dict], buckets: Buckets = Buckets()) -> Shape:
+    """The one padded shape that holds every one of these transformers-named batches."""
     seq = max(buckets.seq(np.asarray(b["input_ids"]).shape[1]) for b in batches)
     shapes = [vision_shape(cfg, s, buckets) for s in (frame_patch_counts(**b) for b in batches) if s]
     vision = (max(r for r, _ in shapes), max(n for _, n in shapes)) if shapes else None
+    return seq, vision
+
+
+def hosts_shape(shape: Shape) -> Shape:
+    """The smallest shape holding every host's `shape`: each host packs its own share of a
+    global batch, and the global arrays need one shape. Every process calls it (a collective);
+    with one process it is `shape`."""
+    from ...sharding import hosts_max
+
+    seq, vision = shape
+    seq, rows, row_len = hosts_max((seq, *(vision or (0, 0))))
+    return seq, ((rows, row_len) if rows else None)
+
+
+def pack_chunks(cfg: Qwen3VLConfig, batches: list[dict], buckets: Buckets = Buckets(),
+                shape: Shape | None = None) -> dict[str, np.ndarray]:
+    """Several transformers-named batches packed to one shape (`shape`, or the smallest that
+    holds them) and stacked on a leading chunk axis."""
+    seq, vision = batches_shape(cfg, batches, buckets) if shape is None else shape
     packed = [pack_inputs(cfg, **b, buckets=buckets, pad_to=seq, vision=vision)[0] for b in batches]
     return {k: np.stack([p[k] for p in packed]) for k in packed[0]}
+
+
+def host_share(cfg: Qwen3VLConfig, arrays: dict[str, np.ndarray], process_index: int) -> dict[str, np.ndarray]:
+    """One host's packed batch as its share of a global batch assembled in process order.
+
+    The hosts' patch rows are concatenated, so `visual_index` (into the merged tokens of this
+    host's rows) moves past the merged tokens of the hosts before it. Every host must pack the
+    same vision shape (the global arrays need it anyway).
+    """
+    if "patches" not in arrays or process_index == 0:
+        return arrays
+    rows, row_len = arrays["patches"].shape[-3:-1]
+    vi = arrays["visual_index"]
+    shift = process_index * rows * row_len // cfg.vision.merge_unit
+    return dict(arrays, visual_index=np.where(vi >= 0, vi + shift, vi).astype(vi.dtype))
 
 
 def vision_shape(cfg: Qwen3VLConfig, frame_sizes: list[int], buckets: Buckets) -> tuple[int, int]:
