@@ -23,7 +23,7 @@ from .models.qwen3_vl.config import Qwen3VLConfig
 from .models.qwen3_vl.inputs import HF_INPUT_NAMES, Buckets, pack_inputs
 from .models.qwen3_vl.mapping import Mapping, Row, get_path, set_path, stack_size
 from .models.qwen3_vl.model import ModelDef, model_def
-from .sharding import MeshConfig, logical_to_spec, make_mesh, tree_shardings
+from .sharding import MeshConfig, logical_to_spec, make_mesh, to_host, tree_shardings
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class Qwen3VLHandle:
         batch, info = self.prepare(**inputs)
         with jax.set_mesh(self.mesh):
             out = self._logits(self.params, batch, dtype=self.dtype)
-        return np.asarray(jax.device_get(out))[:, : info["length"]]
+        return to_host(out)[:, : info["length"]]
 
 
 def _to_numpy(x):
@@ -221,14 +221,6 @@ def load_hf(path, *, dtype="float32", mesh=None, buckets: Buckets = Buckets()) -
 
 
 # ------------------------------------------------------------------------ export
-def _host(x) -> np.ndarray:
-    if not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        x = multihost_utils.process_allgather(x, tiled=True)
-    return np.asarray(jax.device_get(x))
-
-
 def hf_tensors(mdef: ModelDef, params, source_dtypes=None, dtype=None):
     """Yield (hf_key, shape, dtype, thunk) in table order; thunks fetch one layer at a time."""
     mapping = Mapping(mdef.config)
@@ -240,7 +232,7 @@ def hf_tensors(mdef: ModelDef, params, source_dtypes=None, dtype=None):
             pieces = []
             for row, i in parts:
                 leaf = get_path(params, row.path)
-                one = _host(leaf[i] if row.stack else leaf)
+                one = to_host(leaf[i] if row.stack else leaf)
                 pieces.append(mapping.to_hf(row, one))
             out = pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=0)
             want = np.dtype(dtype) if dtype is not None else source_dtypes.get(key, out.dtype)
@@ -253,13 +245,14 @@ def hf_tensors(mdef: ModelDef, params, source_dtypes=None, dtype=None):
 
 
 def save_hf(handle: Qwen3VLHandle, out_dir, *, max_shard_bytes: int = 5 * 2**30, dtype=None,
-            overwrite: bool = False, extra_config: dict | None = None) -> Path:
+            overwrite: bool = False, extra_config: dict | None = None, write_extra=None) -> Path:
     """Write config.json + safetensors (sharded with an index above `max_shard_bytes`).
 
     Everything is written into a temporary sibling directory that is renamed into place
-    at the end, so a failure never leaves a half-written export. Tensors keep the dtype
-    they were loaded with unless `dtype` is given. In a multi-host run every process must
-    call this (each tensor is gathered collectively) and process 0 alone writes.
+    at the end, so a failure never leaves a half-written export; `write_extra(tmp_dir)` adds
+    files (a tokenizer, an image processor) before that. Tensors keep the dtype they were
+    loaded with unless `dtype` is given. In a multi-host run every process must call this
+    (each tensor is gathered collectively) and process 0 alone writes.
     """
     out_dir = Path(out_dir)
     primary = jax.process_index() == 0
@@ -298,6 +291,8 @@ def save_hf(handle: Qwen3VLHandle, out_dir, *, max_shard_bytes: int = 5 * 2**30,
             cfg.update(extra_config or {})
             (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
             copy_side_files(handle.source, tmp)
+            if write_extra is not None:
+                write_extra(tmp)
             replace_dir(tmp, out_dir)
     except BaseException:
         if primary:

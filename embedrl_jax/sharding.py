@@ -135,6 +135,21 @@ def constrain(x: jax.Array, names: Sequence[str | None], rules=RULES) -> jax.Arr
     return jax.lax.with_sharding_constraint(x, logical_to_spec(names, x.shape, mesh, rules))
 
 
+def to_host(x) -> np.ndarray:
+    """The whole value of a jax.Array as numpy on this host, gathering the other hosts' shards
+    when it spans several processes (then a collective: every process calls it, in order)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x))
+
+
+def batch_split_per_host(mesh) -> int:
+    """Into how many pieces the batch axes split each process's rows (at least 1)."""
+    return max(1, _axis_size(mesh, dict(RULES)["batch"]) // jax.process_count())
+
+
 def hosts_max(values: Sequence[int]) -> tuple[int, ...]:
     """Elementwise max of a small int vector over all processes (a collective; one process: itself)."""
     if jax.process_count() == 1:

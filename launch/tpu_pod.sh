@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Run one embedrl command on every worker of a Cloud TPU pod slice (one process per host).
-#   launch/tpu_pod.sh TPU_NAME ZONE -- train-embedder --config configs/toy_embedder.json --workdir gs://bucket/run mesh.fsdp=-1
+#   launch/tpu_pod.sh TPU_NAME ZONE -- train-embedder --config configs/toy_embedder.json --workdir /mnt/shared/run mesh.fsdp=-1
 # Assumes the repository is checked out at the same path on every worker and installed there
 # (`pip install -e .`); jax.distributed discovers the pod's hosts itself (--distributed).
+# WORKDIR is a POSIX path every worker mounts (Filestore/NFS, or a bucket through gcsfuse):
+# process 0 writes configs, data and exports there, and all hosts write their checkpoint shards.
 set -euo pipefail
 tpu=${1:?TPU name}; zone=${2:?zone}; shift 2
 [ "${1:-}" = "--" ] && shift

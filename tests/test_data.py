@@ -361,8 +361,11 @@ def test_toy_set(toy, tmp_path):
     assert len(set(captions["train"])) == len(captions["train"])
     assert not set(captions["train"]) & set(captions["heldout"])  # held-out captions are unseen
     # re-running with the same config reuses the folder; a different config refuses to clobber it
-    assert make_toy_retrieval(toy["root"], n_train=24, n_heldout=8, n_video_train=4, n_video_heldout=2,
-                              seed=3) == toy
+    reused = make_toy_retrieval(toy["root"], n_train=24, n_heldout=8, n_video_train=4, n_video_heldout=2, seed=3)
+    assert reused == toy
+    # in the same order too: it orders the training datasets, so a resumed run (or another host,
+    # which reads the set process 0 built) must see the order the first run saw
+    assert list(reused["datasets"]) == list(toy["datasets"])
     with pytest.raises(FileExistsError):
         make_toy_retrieval(toy["root"], n_train=5, seed=3)
 

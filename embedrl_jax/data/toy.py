@@ -378,9 +378,11 @@ def make_toy_retrieval(out_dir, *, n_train: int = 96, n_heldout: int = 32, n_vid
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
     try:
         os.chmod(tmp, 0o755)
-        manifest = _build(tmp, cfg)
+        _build(tmp, cfg)
         replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return _with_paths(manifest, out_dir)
+    # what was just published, read back: the same manifest (key order included, which orders
+    # the datasets) as every later run, or another host, gets from the directory
+    return load_toy_manifest(out_dir)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..data.inputs import InputBuilder, InputConfig, item_signature
+from ..sharding import to_host
 
 __all__ = ["Embedder", "pool_at_token", "l2_normalize", "load_tokenizer", "load_image_processor"]
 
@@ -144,7 +145,7 @@ class Embedder:
         packed, info = self.handle.prepare(**batch)
         with jax.set_mesh(self.handle.mesh):
             out = self._embed(self.handle.params, packed, jnp.int32(self.emb_token_id), dtype=self.handle.dtype)
-        return np.asarray(jax.device_get(out), np.float32)[: info["batch"]]
+        return to_host(out).astype(np.float32)[: info["batch"]]
 
     def encode(self, items: Sequence[Mapping[str, Any]], batch_size: int = 16, *, dim: int | None = None,
                progress: bool | None = None) -> np.ndarray:

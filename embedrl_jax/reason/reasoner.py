@@ -17,6 +17,7 @@ import numpy as np
 
 from ..data.inputs import InputBuilder, InputConfig
 from ..models.qwen3_vl.inputs import Buckets
+from ..sharding import to_host
 from .sampler import jitted_generate
 from .sequences import pack_prompts, repeat_samples
 
@@ -91,7 +92,7 @@ class Reasoner:
         key = jax.random.key(seed) if key is None else key
         with jax.set_mesh(self.handle.mesh):
             toks, lps, mask = gen(params, arrays, jnp.asarray(deltas, jnp.int32), key)
-        toks, lps, mask = (np.array(jax.device_get(x)) for x in (toks, lps, mask))
+        toks, lps, mask = (np.array(to_host(x)) for x in (toks, lps, mask))
         texts = []
         for row in range(toks.shape[0]):
             keep = mask[row]

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..config import to_dict
 from ..data.inputs import InputConfig
-from ..fsutil import write_run_config
+from ..fsutil import primary_first, sync_processes, write_run_config, write_text_atomic
 from ..lora import LoraConfig
 from ..models.qwen3_vl.inputs import Buckets
 from ..reason.reasoner import GENERATE_INPUTS
@@ -288,18 +288,24 @@ class ReasonerRLTrainer:
 
         toy = self.cfg.toy
         root = self.workdir / "toy"
-        manifest = make_toy_keywords(root / "data", seed=self.cfg.seed, words=toy.words)
         base = root / "base"
-        if not (base / "config.json").exists():
-            from ..prompts import load_prompts
-            from ..train.embedder import build_tiny_base
 
-            corpus = []
-            for path in manifest["files"].values():
-                for line in Path(path).read_text().splitlines():
-                    corpus += [v for v in json.loads(line).values() if isinstance(v, str)]
-            corpus += list(load_prompts(manifest["prompts"])["templates"].values()) + [self.cfg.embed_inputs.suffix]
-            build_tiny_base(base, seed=self.cfg.seed, corpus=corpus)
+        def files():  # process 0 writes them; every other host then reads them
+            manifest = make_toy_keywords(root / "data", seed=self.cfg.seed, words=toy.words)
+            if not (base / "config.json").exists():
+                from ..prompts import load_prompts
+                from ..train.embedder import build_tiny_base
+
+                corpus = []
+                for path in manifest["files"].values():
+                    for line in Path(path).read_text().splitlines():
+                        corpus += [v for v in json.loads(line).values() if isinstance(v, str)]
+                corpus += list(load_prompts(manifest["prompts"])["templates"].values()) + [self.cfg.embed_inputs.suffix]
+                build_tiny_base(base, seed=self.cfg.seed, corpus=corpus)
+            return manifest
+
+        manifest = primary_first(files, "embedrl_toy_rl_files")
+        # the toy Embedder and SFT runs below are collective (every host takes part)
         embedder = root / "embedder"
         if not (embedder / "config.json").exists():
             self._train_toy_embedder(base, manifest, embedder)
@@ -314,7 +320,9 @@ class ReasonerRLTrainer:
                              steps=toy.sft_steps, seed=self.cfg.seed, compute_dtype="float32",
                              checkpoint_every=toy.sft_steps, buckets=self.cfg.buckets)
             out = run_sft(scfg, root / "sft_run", mesh=self.mesh)
-            replace_dir(out, reasoner)
+            if jax.process_index() == 0:
+                replace_dir(out, reasoner)
+            sync_processes("embedrl_toy_reasoner")
         return reasoner, embedder, (manifest["files"]["rl_train"],), manifest["prompts"]
 
     def _train_toy_embedder(self, base, manifest, out):
@@ -349,7 +357,8 @@ class ReasonerRLTrainer:
             report[name] = float(np.mean(np.argmax(q @ p.T, axis=1) == np.arange(len(recs))))
         report["chance"] = 1.0 / len(recs)
         trainer.export(out, overwrite=True)
-        (self.workdir / "toy" / "embedder_eval.json").write_text(json.dumps(report, indent=2))
+        if jax.process_index() == 0:
+            write_text_atomic(self.workdir / "toy" / "embedder_eval.json", json.dumps(report, indent=2))
 
     # -- data
     def _build_data(self, files):

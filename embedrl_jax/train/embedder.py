@@ -22,7 +22,7 @@ from ..data.inputs import InputConfig
 from ..fsutil import primary_first, write_run_config
 from ..lora import LoraConfig
 from ..models.qwen3_vl.inputs import Buckets
-from ..sharding import MeshConfig
+from ..sharding import MeshConfig, batch_split_per_host, to_host
 from .state import OptimConfig
 
 
@@ -277,7 +277,8 @@ class EmbedderTrainer:
         for side in (qs, ps):
             built = [self.builder.build(side[i * size:(i + 1) * size]) for i in range(c)]
             # every host packs its share alike: the global arrays are the hosts' rows side by side
-            out.append(pack_chunks(cfg, built, buckets, shape=hosts_shape(batches_shape(cfg, built, buckets))))
+            shape = hosts_shape(batches_shape(cfg, built, buckets), batch_split_per_host(self.mesh))
+            out.append(pack_chunks(cfg, built, buckets, shape=shape))
         return tuple(out)
 
     def device_batch(self, arrays):
@@ -300,16 +301,12 @@ class EmbedderTrainer:
             part = list(items[i:i + batch_size])
             arrays = pack_chunks(self.mdef.config, [self.builder.build(part)], self.cfg.buckets)
             with jax.set_mesh(self.mesh):
-                out.append(np.asarray(jax.device_get(fn(params, arrays))))
+                out.append(to_host(fn(params, arrays)))  # every host evaluates; gathered across hosts
         return np.concatenate(out)
 
     @functools.cache
     def _eval_fn(self):
-        from jax.sharding import NamedSharding, PartitionSpec as P
-
-        # replicated embeddings: every host can read them (a multi-host run evaluates on each)
-        return jax.jit(functools.partial(embed_fn, self.mdef, self.token_id, jnp.dtype(self.cfg.compute_dtype), False),
-                       out_shardings=NamedSharding(self.mesh, P()))
+        return jax.jit(functools.partial(embed_fn, self.mdef, self.token_id, jnp.dtype(self.cfg.compute_dtype), False))
 
     def model_params(self):
         from .. import lora as lora_lib
@@ -382,9 +379,8 @@ class EmbedderTrainer:
         params = self.model_params()
         mdef, merged = self.mdef.merged(params)
         handle = Qwen3VLHandle(self.base.config, mdef, merged, self.mesh, source=self.model_dir)
-        out = save_hf(handle, out_dir, overwrite=overwrite, extra_config={"emb_token_ids": [self.token_id]})
-        self.tokenizer.save_pretrained(out)
-        return out
+        return save_hf(handle, out_dir, overwrite=overwrite, extra_config={"emb_token_ids": [self.token_id]},
+                       write_extra=self.tokenizer.save_pretrained)
 
 
 def toy_corpus(manifest) -> list[str]:

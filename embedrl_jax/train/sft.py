@@ -28,10 +28,8 @@ import json
 import logging
 import os
 import re
-import shutil
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +40,11 @@ import numpy as np
 from ..config import to_dict
 from ..data.inputs import InputConfig
 from ..data.records import RecordError
-from ..fsutil import write_run_config
+from ..fsutil import primary_first, write_run_config
 from ..lora import LoraConfig
 from ..models.qwen3_vl.inputs import Buckets
 from ..reason.reasoner import GENERATE_INPUTS
-from ..sharding import MeshConfig
+from ..sharding import MeshConfig, batch_split_per_host
 from .state import OptimConfig
 
 __all__ = ["SFTConfig", "SFTDataConfig", "SFTDataReport", "SFTSample", "SFTTrainer", "SampleOrder",
@@ -387,7 +385,8 @@ class SFTTrainer:
             raise ValueError(f"batch_size={cfg.batch_size} is not divisible by micro_batches={cfg.micro_batches} "
                              f"x {self.process[1]} processes")
 
-        files = list(cfg.data.files) + (toy_sft_files(self.workdir) if cfg.data.toy else [])
+        toy = primary_first(lambda: toy_sft_files(self.workdir), "embedrl_sft_toy_data") if cfg.data.toy else []
+        files = list(cfg.data.files) + toy
         if not files:
             raise ValueError("data: no SFT files (set data.files, or data.toy=true)")
         self.samples, self.report = load_sft_samples(cfg.data, files)
@@ -452,11 +451,15 @@ class SFTTrainer:
                 raise FileNotFoundError(f"model {path}: no config.json")
             return path
         path = self.workdir / "tiny_base"
-        if not (path / "config.json").exists():
-            from .embedder import build_tiny_base
 
-            corpus = [s.prompt["text"] for s in self.samples] + [s.completion for s in self.samples]
-            build_tiny_base(path, seed=self.cfg.seed, corpus=corpus)
+        def build():
+            if not (path / "config.json").exists():
+                from .embedder import build_tiny_base
+
+                corpus = [s.prompt["text"] for s in self.samples] + [s.completion for s in self.samples]
+                build_tiny_base(path, seed=self.cfg.seed, corpus=corpus)
+
+        primary_first(build, "embedrl_sft_tiny_base")
         return path
 
     # -- data
@@ -505,7 +508,7 @@ class SFTTrainer:
             except (ValueError, RecordError) as e:
                 raise ValueError(f"samples {[self.samples[i].source for i in g]}: {e}") from None
         # every host packs its share alike: the global arrays are the hosts' rows side by side
-        shape = hosts_shape(batches_shape(self.mdef.config, prepared, cfg.buckets))
+        shape = hosts_shape(batches_shape(self.mdef.config, prepared, cfg.buckets), batch_split_per_host(self.mesh))
         arrays, deltas = pack_prompts(self.mdef.config, prepared, cfg.buckets, shape=shape)
         seqs = []
         for a, d, g in zip(arrays, deltas, groups):
@@ -593,27 +596,19 @@ class SFTTrainer:
     def export(self, out_dir=None, *, overwrite: bool = True) -> Path:
         """HF directory (LoRA merged in; config.json, safetensors, tokenizer, preprocessor_config.json)
         loadable by `Reasoner.from_pretrained`, written to a temporary sibling and renamed into place."""
-        from ..fsutil import replace_dir
         from ..hf import Qwen3VLHandle, save_hf
 
         out = Path(out_dir) if out_dir is not None else self.workdir / "model"
-        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-            raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True to replace it)")
         mdef, merged = self.mdef.merged(self.model_params())
         handle = Qwen3VLHandle(self.base.config, mdef, merged, self.mesh, source=self.model_dir,
                                source_dtypes=self.base.source_dtypes)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            save_hf(handle, tmp)
+
+        def processors(tmp: Path):
             self.tokenizer.save_pretrained(tmp)
             if not (tmp / "preprocessor_config.json").exists():
                 self.image_processor.save_pretrained(tmp)
-            replace_dir(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return out
+
+        return save_hf(handle, out, overwrite=overwrite, write_extra=processors)
 
 
 def run_sft(cfg: SFTConfig, workdir, *, mesh=None, progress: bool = False) -> Path:

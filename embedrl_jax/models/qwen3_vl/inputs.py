@@ -142,14 +142,16 @@ def batches_shape(cfg: Qwen3VLConfig, batches: list[dict], buckets: Buckets = Bu
     return seq, vision
 
 
-def hosts_shape(shape: Shape) -> Shape:
-    """The smallest shape holding every host's `shape`: each host packs its own share of a
-    global batch, and the global arrays need one shape. Every process calls it (a collective);
-    with one process it is `shape`."""
+def hosts_shape(shape: Shape, row_multiple: int = 1) -> Shape:
+    """The smallest shape holding every host's `shape`, with patch rows a multiple of
+    `row_multiple`: each host packs its own share of a global batch, the global arrays need
+    one shape, and the hosts' patch rows are split over the batch devices like samples are.
+    Every process calls it (a collective)."""
     from ...sharding import hosts_max
 
     seq, vision = shape
     seq, rows, row_len = hosts_max((seq, *(vision or (0, 0))))
+    rows = -(-rows // row_multiple) * row_multiple
     return seq, ((rows, row_len) if rows else None)
 
 
