@@ -126,23 +126,6 @@ def test_rollouts_end_at_the_stop_string(env, tmp_path):
     assert cut["response_length"] < free["response_length"]
 
 
-def test_toy_config_prepares_and_runs_from_the_cli(tmp_path):
-    """The bundled toy config end to end, shortened: toy Embedder, SFT cold start, 2 GRPO steps."""
-    from embedrl_jax.cli import main
-
-    workdir = tmp_path / "toy_rl"
-    rc = main(["train-reasoner", "--config", "configs/toy_reasoner_rl.json", "--workdir", str(workdir),
-               "--steps", "2", "--seed", "3", "toy.embedder_steps=4", "toy.sft_steps=4", "rollout.pairs_per_step=2",
-               "rollout.max_new_tokens=16", "checkpoint_every=1"])
-    assert rc == 0
-    rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
-    assert [r["step"] for r in rows] == [1, 2]
-    assert all(np.isfinite(r["reward/outcome"]) for r in rows)
-    for sub in ("toy/embedder/config.json", "toy/reasoner/config.json", "toy/embedder_eval.json",
-                "export/config.json"):
-        assert (workdir / sub).exists(), sub
-
-
 def test_reference_judge_step(env, tmp_path):
     """The process reward through the default judge (the frozen reference policy, greedy)."""
     root, cfg = env
@@ -159,12 +142,13 @@ def test_reference_judge_step(env, tmp_path):
 
 @pytest.mark.slow
 def test_toy_reasoner_learns(tmp_path):
-    """EG-RL raises the outcome reward on the toy task (seed 0, 120 of the config's 200 steps):
+    """The toy config end to end from the CLI; EG-RL raises the outcome reward on the toy task
+    (seed 0, 120 of the config's 200 steps):
     the mean of the last 30 steps clearly exceeds the first 30 (seen: 0.06 -> 0.15)."""
     from embedrl_jax.cli import main
 
     assert main(["train-reasoner", "--config", "configs/toy_reasoner_rl.json", "--workdir", str(tmp_path),
-                 "--seed", "0", "--steps", "120", "--no-export"]) == 0
+                 "--seed", "0", "--steps", "120", "checkpoint_every=60"]) == 0
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     outcome = np.array([r["reward/outcome"] for r in rows])
     assert len(outcome) == 120
@@ -172,6 +156,10 @@ def test_toy_reasoner_learns(tmp_path):
     assert last > first + 0.05, (first, last)
     evidence = json.loads((tmp_path / "toy" / "embedder_eval.json").read_text())
     assert evidence["evidence_correct"] > 3 * evidence["evidence_random"]
+    # the whole toy pipeline from the CLI: toy Embedder, SFT cold start, checkpoints, export
+    for sub in ("toy/embedder/config.json", "toy/reasoner/config.json", "export/config.json"):
+        assert (tmp_path / sub).exists(), sub
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["120", "60"]
 
 
 def test_one_pair_with_equal_rewards_gives_a_finite_loss(env, tmp_path):
