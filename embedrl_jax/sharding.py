@@ -145,9 +145,13 @@ def to_host(x) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
+def _batch_devices(mesh) -> int:
+    return _axis_size(mesh, dict(RULES)["batch"])
+
+
 def batch_split_per_host(mesh) -> int:
     """Into how many pieces the batch axes split each process's rows (at least 1)."""
-    return max(1, _axis_size(mesh, dict(RULES)["batch"]) // jax.process_count())
+    return max(1, _batch_devices(mesh) // jax.process_count())
 
 
 def hosts_max(values: Sequence[int]) -> tuple[int, ...]:
@@ -178,7 +182,7 @@ def global_batch(mesh, arrays: dict[str, np.ndarray], axes: dict[str, Sequence[s
         shape[b] *= n
         spec = logical_to_spec(names, shape, mesh)
         if n > 1 and spec[b] is None:
-            size = _axis_size(mesh, dict(RULES)["batch"])
+            size = _batch_devices(mesh)
             raise ValueError(f"{k}: a global batch of {shape[b]} rows ({n} processes x {v.shape[b]}) cannot be split "
                              f"over the mesh's batch axes ({size} devices); make it a multiple of {size}")
         sharding = NamedSharding(mesh, spec)

@@ -22,7 +22,7 @@ from ..data.inputs import InputConfig
 from ..fsutil import primary_first, write_run_config
 from ..lora import LoraConfig
 from ..models.qwen3_vl.inputs import Buckets
-from ..sharding import MeshConfig, batch_split_per_host, to_host
+from ..sharding import MeshConfig, to_host
 from .state import OptimConfig
 
 
@@ -261,7 +261,7 @@ class EmbedderTrainer:
 
     def host_batch(self, records):
         """One step's records -> (q chunks, p chunks) packed arrays [C, ...] for this host."""
-        from ..models.qwen3_vl.inputs import batches_shape, hosts_shape, pack_chunks
+        from ..models.qwen3_vl.inputs import hosts_shape, pack_chunks
 
         c = self.cfg.grad_cache_chunks
         if len(records) % c:
@@ -277,8 +277,7 @@ class EmbedderTrainer:
         for side in (qs, ps):
             built = [self.builder.build(side[i * size:(i + 1) * size]) for i in range(c)]
             # every host packs its share alike: the global arrays are the hosts' rows side by side
-            shape = hosts_shape(batches_shape(cfg, built, buckets), batch_split_per_host(self.mesh))
-            out.append(pack_chunks(cfg, built, buckets, shape=shape))
+            out.append(pack_chunks(cfg, built, buckets, shape=hosts_shape(cfg, built, buckets, self.mesh)))
         return tuple(out)
 
     def device_batch(self, arrays):

@@ -44,7 +44,7 @@ from ..fsutil import primary_first, write_run_config
 from ..lora import LoraConfig
 from ..models.qwen3_vl.inputs import Buckets
 from ..reason.reasoner import GENERATE_INPUTS
-from ..sharding import MeshConfig, batch_split_per_host
+from ..sharding import MeshConfig
 from .state import OptimConfig
 
 __all__ = ["SFTConfig", "SFTDataConfig", "SFTDataReport", "SFTSample", "SFTTrainer", "SampleOrder",
@@ -493,7 +493,7 @@ class SFTTrainer:
 
     def host_batch(self, step: int) -> dict[str, np.ndarray]:
         """One step's samples -> micro-batch-stacked sequence arrays [M, R, P + T] and ``mask`` [M, R, T]."""
-        from ..models.qwen3_vl.inputs import batches_shape, hosts_shape
+        from ..models.qwen3_vl.inputs import hosts_shape
         from ..reason.sequences import pack_prompts, with_completions
 
         cfg = self.cfg
@@ -508,7 +508,7 @@ class SFTTrainer:
             except (ValueError, RecordError) as e:
                 raise ValueError(f"samples {[self.samples[i].source for i in g]}: {e}") from None
         # every host packs its share alike: the global arrays are the hosts' rows side by side
-        shape = hosts_shape(batches_shape(self.mdef.config, prepared, cfg.buckets), batch_split_per_host(self.mesh))
+        shape = hosts_shape(self.mdef.config, prepared, cfg.buckets, self.mesh)
         arrays, deltas = pack_prompts(self.mdef.config, prepared, cfg.buckets, shape=shape)
         seqs = []
         for a, d, g in zip(arrays, deltas, groups):

@@ -142,16 +142,17 @@ def batches_shape(cfg: Qwen3VLConfig, batches: list[dict], buckets: Buckets = Bu
     return seq, vision
 
 
-def hosts_shape(shape: Shape, row_multiple: int = 1) -> Shape:
-    """The smallest shape holding every host's `shape`, with patch rows a multiple of
-    `row_multiple`: each host packs its own share of a global batch, the global arrays need
-    one shape, and the hosts' patch rows are split over the batch devices like samples are.
-    Every process calls it (a collective)."""
-    from ...sharding import hosts_max
+def hosts_shape(cfg: Qwen3VLConfig, batches: list[dict], buckets: Buckets, mesh) -> Shape:
+    """The one shape every host packs its share of a global batch to: the smallest holding
+    every host's `batches`, with patch rows a multiple of the per-host batch split (the hosts'
+    patch rows are split over the batch devices like samples are). Every process calls it (a
+    collective); with one process it is `batches_shape` with rows rounded up."""
+    from ...sharding import batch_split_per_host, hosts_max
 
-    seq, vision = shape
+    seq, vision = batches_shape(cfg, batches, buckets)
     seq, rows, row_len = hosts_max((seq, *(vision or (0, 0))))
-    rows = -(-rows // row_multiple) * row_multiple
+    multiple = batch_split_per_host(mesh)
+    rows = -(-rows // multiple) * multiple
     return seq, ((rows, row_len) if rows else None)
 
 
