@@ -18,11 +18,15 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .errors import ConfigError, MissingFileError
+
 T = TypeVar("T")
 
-PRESET_DIR = Path(__file__).resolve().parents[1] / "configs"
+# presets ship inside the package (embedrl_jax/configs; in a checkout a link to the top-level configs/),
+# so an installed package finds them from any working directory
+PRESET_DIR = Path(__file__).resolve().parent / "configs"
 
-__all__ = ["load_config", "from_dict", "apply_overrides", "to_dict", "PRESET_DIR"]
+__all__ = ["load_config", "from_dict", "apply_overrides", "to_dict", "PRESET_DIR", "ConfigError"]
 
 
 def _type_name(tp) -> str:
@@ -37,7 +41,7 @@ def _convert(value, tp, where: str):
         if dataclasses.is_dataclass(value) and isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise TypeError(f"{where}: expected an object for {tp.__name__}, got {value!r}")
+            raise ConfigError(f"{where}: expected an object for {tp.__name__}, got {value!r}")
         return from_dict(tp, value, where)
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
@@ -49,17 +53,17 @@ def _convert(value, tp, where: str):
                 return _convert(value, arg, where)
             except (TypeError, ValueError) as e:
                 errors.append(str(e))
-        raise TypeError(f"{where}: {value!r} matches none of {_type_name(tp)}")
+        raise ConfigError(f"{where}: {value!r} matches none of {_type_name(tp)}")
     if origin is typing.Literal:
         if value not in args:
-            raise ValueError(f"{where}: {value!r} is not one of {list(args)}")
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
         return value
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
-            raise TypeError(f"{where}: expected a list for {_type_name(tp)}, got {value!r}")
+            raise ConfigError(f"{where}: expected a list for {_type_name(tp)}, got {value!r}")
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
-                raise ValueError(f"{where}: expected {len(args)} items, got {len(value)}")
+                raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
             items = [_convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
         else:
             item = args[0] if args else Any
@@ -67,19 +71,19 @@ def _convert(value, tp, where: str):
         return tuple(items) if origin is tuple else items
     if origin is dict:
         if not isinstance(value, dict):
-            raise TypeError(f"{where}: expected an object, got {value!r}")
+            raise ConfigError(f"{where}: expected an object, got {value!r}")
         kt, vt = args or (Any, Any)
         return {_convert(k, kt, where): _convert(v, vt, f"{where}.{k}") for k, v in value.items()}
     if tp is type(None) or tp is None:
         if value is not None:
-            raise TypeError(f"{where}: expected null, got {value!r}")
+            raise ConfigError(f"{where}: expected null, got {value!r}")
         return None
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp in (int, float) and isinstance(value, bool):
-        raise TypeError(f"{where}: expected {tp.__name__}, got bool {value!r}")
+        raise ConfigError(f"{where}: expected {tp.__name__}, got bool {value!r}")
     if isinstance(tp, type) and not isinstance(value, tp):
-        raise TypeError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
     return value
 
 
@@ -94,7 +98,7 @@ def from_dict(cls: type[T], data: dict, where: str = "", base: T | None = None) 
     unknown = sorted(set(data) - set(fields))
     if unknown:
         names = ", ".join(f"{where}.{k}" if where else k for k in unknown)
-        raise ValueError(f"unknown config field(s) {names}; {cls.__name__} has {sorted(fields)}")
+        raise ConfigError(f"unknown config field(s) {names}; {cls.__name__} has {sorted(fields)}")
     kw = {}
     for name, value in data.items():
         sub = f"{where}.{name}" if where else name
@@ -107,7 +111,7 @@ def from_dict(cls: type[T], data: dict, where: str = "", base: T | None = None) 
     try:
         return dataclasses.replace(base, **kw) if base is not None else cls(**kw)
     except TypeError as e:  # a required field was not given
-        raise ValueError(f"{where or cls.__name__}: {e}") from None
+        raise ConfigError(f"{where or cls.__name__}: {e}") from None
 
 
 def load_config(path_or_preset: str | Path | dict | None, cls: type[T], preset_dir: Path | None = None) -> T:
@@ -122,18 +126,18 @@ def load_config(path_or_preset: str | Path | dict | None, cls: type[T], preset_d
         preset = root / (path.name if path.suffix == ".json" else f"{path_or_preset}.json")
         if path.suffix == ".json" or not preset.is_file():
             known = sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.json")) if root.is_dir() else []
-            raise FileNotFoundError(f"no config file or preset {str(path_or_preset)!r} (presets in {root}: {known})")
+            raise MissingFileError(f"no config file or preset {str(path_or_preset)!r} (presets in {root}: {known})")
         path = preset
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON: {e}") from None
+        raise ConfigError(f"{path}: invalid JSON: {e}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object at top level")
+        raise ConfigError(f"{path}: expected a JSON object at top level")
     try:
         return from_dict(cls, data)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: {e}") from None
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def _parse_value(text: str):
@@ -147,11 +151,11 @@ def _set(cfg, keys: list[str], raw: str, dotted: str):
     name = keys[0]
     fields = {f.name for f in dataclasses.fields(cfg) if f.init}
     if name not in fields:
-        raise ValueError(f"unknown config key {dotted!r}: {type(cfg).__name__} has no field {name!r} (fields: {sorted(fields)})")
+        raise ConfigError(f"unknown config key {dotted!r}: {type(cfg).__name__} has no field {name!r} (fields: {sorted(fields)})")
     current = getattr(cfg, name)
     if len(keys) > 1:
         if not dataclasses.is_dataclass(current):
-            raise ValueError(f"unknown config key {dotted!r}: {name!r} is not a nested config")
+            raise ConfigError(f"unknown config key {dotted!r}: {name!r} is not a nested config")
         return dataclasses.replace(cfg, **{name: _set(current, keys[1:], raw, dotted)})
     tp = _hints(type(cfg))[name]
     value = _parse_value(raw)
@@ -176,11 +180,11 @@ def apply_overrides(cfg: T, overrides: typing.Iterable[str]) -> T:
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ValueError(f"override {item!r} is not of the form key=value")
+            raise ConfigError(f"override {item!r} is not of the form key=value")
         try:
             cfg = _set(cfg, key.split("."), raw, key)
         except TypeError as e:
-            raise ValueError(f"override {item!r}: {e}") from None
+            raise ConfigError(f"override {item!r}: {e}") from None
     return cfg
 
 

@@ -1,53 +1,19 @@
-"""Tiny random Qwen3-VL models and inputs built offline with transformers' own classes (tests, selfcheck)."""
+"""Tiny random Qwen3-VL models as transformers' PyTorch oracle, and test inputs (tests, selfcheck).
+
+This module needs torch (the test extra); the product's torch-free toy base is `toy.base`."""
 from __future__ import annotations
 
 import numpy as np
+import skimage.data
+import torch
+from PIL import Image
+from transformers import Qwen3VLForConditionalGeneration
 
-IMAGE_ID, VIDEO_ID, VSTART, VEND = 5, 6, 3, 4
-VOCAB = 306
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-            "<|image_pad|>", "<|video_pad|>"]
-TOKENIZER_TEXTS = ["a small test sentence", "the quick brown fox jumps over the lazy dog",
-                   "retrieval with reasoning", "an image of an astronaut"]
-
-
-def tiny_tokenizer(texts=None, vocab_size=VOCAB - 10):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(list(texts or TOKENIZER_TEXTS) * 4, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-
-
-def tiny_hf_config(tie=False, deepstack=(0, 1), text_layers=2, vision_depth=2, vocab=VOCAB):
-    from transformers import Qwen3VLConfig
-
-    return Qwen3VLConfig(
-        text_config=dict(
-            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-            rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [4, 2, 2], "mrope_interleaved": True},
-            tie_word_embeddings=tie,
-        ),
-        vision_config=dict(
-            depth=vision_depth, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=16,
-            temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=64, num_position_embeddings=64,
-            deepstack_visual_indexes=list(deepstack),
-        ),
-        image_token_id=IMAGE_ID, video_token_id=VIDEO_ID, vision_start_token_id=VSTART, vision_end_token_id=VEND,
-        tie_word_embeddings=tie,
-    )
+from .toy.base import (IMAGE_ID, SPECIALS, TOKENIZER_TEXTS, VEND, VIDEO_ID, VOCAB, VSTART,  # noqa: F401
+                        image_processor, tiny_hf_config, tiny_tokenizer)
 
 
 def tiny_hf_model(seed=0, **kw):
-    import torch
-    from transformers import Qwen3VLForConditionalGeneration
-
     torch.manual_seed(seed)
     model = Qwen3VLForConditionalGeneration(tiny_hf_config(**kw)).eval()
     # random init leaves norms at 1 and biases at 0: perturb every tensor so the test sees them
@@ -58,19 +24,7 @@ def tiny_hf_model(seed=0, **kw):
     return model
 
 
-def image_processor(min_tokens=4, max_tokens=64):
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    return Qwen2VLImageProcessorPil(
-        patch_size=16, temporal_patch_size=2, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3,
-        size={"shortest_edge": min_tokens * 32 * 32, "longest_edge": max_tokens * 32 * 32},
-    )
-
-
 def real_image(name="astronaut", size=None):
-    from PIL import Image
-    import skimage.data
-
     arr = getattr(skimage.data, name)()
     if arr.ndim == 2:
         arr = np.stack([arr] * 3, -1)
@@ -147,8 +101,6 @@ def build_inputs(samples, processor=None, *, padding_side="right", rng=None, tok
 
 
 def hf_logits(model, inputs, position_ids=None):
-    import torch
-
     kw = {k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}
     if position_ids is not None:
         kw["position_ids"] = torch.from_numpy(position_ids)

@@ -69,8 +69,14 @@ from typing import Mapping, Sequence
 
 import numpy as np
 from PIL import Image
+from transformers import AutoTokenizer
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-__all__ = ["InputConfig", "ModelIds", "InputBuilder", "MAX_ASPECT_RATIO", "item_signature"]
+from embedrl_jax import tcot as tcot_lib
+from embedrl_jax.errors import ConfigError
+
+__all__ = ["InputConfig", "ModelIds", "InputBuilder", "MAX_ASPECT_RATIO", "item_signature", "load_tokenizer",
+           "load_image_processor"]
 
 #: Qwen's smart_resize refuses more extreme images; we check first to name the item.
 MAX_ASPECT_RATIO = 200.0
@@ -98,17 +104,17 @@ class InputConfig:
 
     def __post_init__(self):
         if self.padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
+            raise ConfigError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
         for lo, hi in (("image_min_tokens", "image_max_tokens"), ("frame_min_tokens", "frame_max_tokens")):
             a, b = getattr(self, lo), getattr(self, hi)
             if not (0 < a <= b):
-                raise ValueError(f"need 0 < {lo} <= {hi}, got {a} and {b}")
+                raise ConfigError(f"need 0 < {lo} <= {hi}, got {a} and {b}")
         if self.num_frames < 1:
-            raise ValueError(f"num_frames must be >= 1, got {self.num_frames}")
+            raise ConfigError(f"num_frames must be >= 1, got {self.num_frames}")
         if self.max_text_tokens is not None and self.max_text_tokens < 1:
-            raise ValueError(f"max_text_tokens must be >= 1 or None, got {self.max_text_tokens}")
+            raise ConfigError(f"max_text_tokens must be >= 1 or None, got {self.max_text_tokens}")
         if self.video_fps <= 0:
-            raise ValueError(f"video_fps must be > 0, got {self.video_fps}")
+            raise ConfigError(f"video_fps must be > 0, got {self.video_fps}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,8 +237,6 @@ def item_signature(item: Mapping) -> tuple:
     video = len(_as_list(item.get("video"))) > 0
     tc = item.get("tcot")
     if isinstance(tc, (str, bytes)) and tc:
-        from embedrl_jax import tcot as tcot_lib
-
         t = tcot_lib.parse(tc)
         n_ev = (len(t.boxes) if n_img else 0) + (len(t.key_frames) if video else 0) if t.evidence_ok else 0
     else:
@@ -359,9 +363,7 @@ class InputBuilder:
         if tc is None:
             return []
         if isinstance(tc, (str, bytes)):
-            from embedrl_jax import tcot as tcot_lib
-
-            raw = tcot_lib.evidence_parts(tc, first_image=images[0] if images else None, frames=frames or None)
+                raw = tcot_lib.evidence_parts(tc, first_image=images[0] if images else None, frames=frames or None)
         elif isinstance(tc, Mapping):
             if "parts" not in tc:
                 raise _fail(index, "tcot", "a T-CoT dict must have 'parts' (see embedrl_jax.tcot.evidence_item)")
@@ -547,3 +549,24 @@ class InputBuilder:
             out["pixel_values_videos"] = np.concatenate(acc["pixel_values_videos"]).astype(np.float32)
             out["video_grid_thw"] = np.stack(acc["video_grid_thw"]).astype(np.int64)
         return out
+
+
+def load_tokenizer(path, emb_token: str | None = None):
+    """AutoTokenizer from `path`; with `emb_token`, that token is added as an ordinary (non-special)
+    token if absent (the Embedder's <emb> reuses a spare row of the embedding matrix)."""
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if emb_token is not None and emb_token not in tok.get_vocab():
+        tok.add_tokens([emb_token])
+    return tok
+
+
+def load_image_processor(path, model_config):
+    """`Qwen2VLImageProcessorPil` from preprocessor_config.json, else one with the model's patch
+    geometry and mean = std = 0.5 (Qwen3-VL's normalisation). Budgets are set per call anyway."""
+    if os.path.exists(os.path.join(str(path), "preprocessor_config.json")):
+        return Qwen2VLImageProcessorPil.from_pretrained(str(path))
+    v = model_config.vision_config
+    return Qwen2VLImageProcessorPil(
+        patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size, merge_size=v.spatial_merge_size,
+        image_mean=[0.5] * 3, image_std=[0.5] * 3,
+    )

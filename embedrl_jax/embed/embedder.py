@@ -11,16 +11,20 @@ modality so that each batch is homogeneous, and restores the input order.
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
-from ..data.inputs import InputBuilder, InputConfig, item_signature
+from ..checkpoint import load_model
+from ..data.inputs import InputBuilder, InputConfig, item_signature, load_image_processor, load_tokenizer
 from ..sharding import to_host
 
+# load_tokenizer / load_image_processor live with the input builder; re-exported for old callers
 __all__ = ["Embedder", "pool_at_token", "l2_normalize", "load_tokenizer", "load_image_processor"]
 
 
@@ -58,30 +62,6 @@ def _jitted_embed(mdef):
     return jax.jit(functools.partial(embed_rows, mdef), static_argnames=("dtype",))
 
 
-def load_tokenizer(path, emb_token: str = "<emb>"):
-    """AutoTokenizer from `path` with `emb_token` added as an ordinary (non-special) token if absent."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(path))
-    if emb_token not in tok.get_vocab():
-        tok.add_tokens([emb_token])
-    return tok
-
-
-def load_image_processor(path, model_config):
-    """`Qwen2VLImageProcessorPil` from preprocessor_config.json, else one with the model's patch
-    geometry and mean = std = 0.5 (Qwen3-VL's normalisation). Budgets are set per call anyway."""
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    if (Path(path) / "preprocessor_config.json").exists():
-        return Qwen2VLImageProcessorPil.from_pretrained(str(path))
-    v = model_config.vision_config
-    return Qwen2VLImageProcessorPil(
-        patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size, merge_size=v.spatial_merge_size,
-        image_mean=[0.5] * 3, image_std=[0.5] * 3,
-    )
-
-
 class Embedder:
     """A loaded Embedder: model handle, tokenizer with ``<emb>``, input builder, jitted pooling."""
 
@@ -117,8 +97,6 @@ class Embedder:
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"embedder directory {path} does not exist")
-        from ..checkpoint import load_model
-
         handle = load_model(path, mesh=mesh, dtype=dtype, what="embedder")
         config = input_config or InputConfig()
         tokenizer = load_tokenizer(path, config.emb_token)
@@ -170,8 +148,6 @@ class Embedder:
         for i, item in enumerate(items):
             groups.setdefault(item_signature(item), []).append(i)
         show = len(items) > batch_size if progress is None else bool(progress)
-        from tqdm.auto import tqdm
-
         with tqdm(total=len(items), disable=not show, desc="embed", unit="item") as bar:
             for indices in groups.values():
                 for start in range(0, len(indices), batch_size):
@@ -194,8 +170,6 @@ class Embedder:
 
 def _renumber(err: ValueError, chunk: list[int]) -> ValueError:
     """Rewrite 'item k:' (index within a batch) to the index in the caller's list."""
-    import re
-
     msg = str(err)
     m = re.match(r"item (\d+):", msg)
     if m and int(m.group(1)) < len(chunk):

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..data.inputs import InputBuilder, InputConfig
+from ..checkpoint import load_model
+from ..data.inputs import InputBuilder, InputConfig, load_image_processor, load_tokenizer
 from ..models.qwen3_vl.inputs import Buckets
 from ..sharding import to_host
 from .sampler import jitted_generate
@@ -48,14 +49,9 @@ class Reasoner:
     @classmethod
     def from_pretrained(cls, path, *, mesh=None, dtype="float32", input_config: InputConfig = GENERATE_INPUTS,
                         **kw) -> "Reasoner":
-        from ..checkpoint import load_model
-        from ..embed.embedder import load_image_processor
-
         path = Path(path)
         handle = load_model(path, mesh=mesh, dtype=dtype, what="reasoner")
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        tokenizer = load_tokenizer(path)
         return cls(handle, tokenizer, load_image_processor(path, handle.config), input_config=input_config, **kw)
 
     def prepare(self, prompts: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:

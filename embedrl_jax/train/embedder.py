@@ -1,29 +1,41 @@
 """train-embedder: LoRA (or full) contrastive training of the Embedder on one mesh.
 
-One jitted, donated `update(state, frozen, q, p, key)` does GradCache-chunked symmetric
-InfoNCE over the global batch, clipping and AdamW on fp32 master weights with the forward
-in `compute_dtype`. The host loop owns data, checkpoints and metrics only.
+The step function: GradCache-chunked symmetric InfoNCE over the global batch, clipping and
+AdamW on fp32 master weights with the forward in `compute_dtype`. Data: the homogeneous mixture
+sampler over MMEB / LLaVA-Hound records (or the bundled toy set) behind a grain iterator. Hook:
+held-out Hit@1. Setup, loop, resume and export are the trainer core's (train/core.py).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import shutil
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
-from ..config import to_dict
-from ..data.inputs import InputConfig
-from ..fsutil import primary_first, write_run_config
+from .. import lora as lora_lib
+from ..data import pipeline, records as rec
+from ..data.inputs import InputBuilder, InputConfig, load_image_processor, load_tokenizer
+from ..data.toy import make_toy_retrieval
+from ..embed.embedder import embed_rows
+from ..embed.losses import grad_cache, info_nce, logit_scale_param
+from ..errors import ConfigError, UserError
+from ..fsutil import primary_first
+from ..hf import BATCH_AXES
 from ..lora import LoraConfig
-from ..models.qwen3_vl.inputs import Buckets
-from ..sharding import MeshConfig, to_host
+from ..models.qwen3_vl.inputs import Buckets, host_share, hosts_shape, pack_chunks
+from ..models.qwen3_vl.model import model_def
+from ..sharding import global_batch, to_host
+from ..toy.base import build_tiny_base, toy_corpus
+from .core import Trainer, TrainerConfig, abstract_of, packed_spec, placed_spec
 from .state import OptimConfig
+
+__all__ = ["DataConfig", "EmbedderTrainConfig", "EmbedderTrainer", "embed_fn", "make_update", "build_tiny_base",
+           "toy_corpus"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,35 +53,30 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class EmbedderTrainConfig:
-    model: str = "tiny"  # HF directory (config.json, safetensors, tokenizer) or "tiny" (a toy model built offline)
-    lora: LoraConfig | None = LoraConfig()
-    optim: OptimConfig = OptimConfig()
-    data: DataConfig = DataConfig()
-    inputs: InputConfig = InputConfig()
-    mesh: MeshConfig = MeshConfig()
+class EmbedderTrainConfig(TrainerConfig):
+    model: str = "tiny"  # HF or orbax directory, or "tiny" (a toy base built offline)
+    lora: LoraConfig | None = LoraConfig()  # noqa: RUF009
+    optim: OptimConfig = OptimConfig()  # noqa: RUF009
+    data: DataConfig = DataConfig()  # noqa: RUF009
+    inputs: InputConfig = InputConfig()  # noqa: RUF009
     # training shapes: large minimums make every step of a dataset share one compiled shape
-    buckets: Buckets = Buckets(seq_min=128, patch_min=256, rows_min=8)
-    steps: int = 100
-    seed: int = 0
-    compute_dtype: str = "bfloat16"
-    base_dtype: str = "float32"
+    buckets: Buckets = Buckets(seq_min=128, patch_min=256, rows_min=8)  # noqa: RUF009
     grad_cache_chunks: int = 1
     logit_scale: float = 50.0
     learn_logit_scale: bool = False
-    remat: bool = False
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 3
-    async_checkpoints: bool = True
-    eval_every: int = 0
     eval_pairs: int = 64
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.grad_cache_chunks < 1:
+            raise ConfigError(f"grad_cache_chunks must be >= 1, got {self.grad_cache_chunks}")
+        if self.data.sub_batch_size < 1:
+            raise ConfigError(f"data.sub_batch_size must be >= 1, got {self.data.sub_batch_size}")
 
-# ------------------------------------------------------------------ the jitted step
+
+# ------------------------------------------------------------------ the step function
 def embed_fn(mdef, token_id, dtype, remat, params, chunk, key=None):
     """[b, D] L2-normalised <emb> embeddings of one packed chunk (leading chunk axis of 1)."""
-    from ..embed.embedder import embed_rows
-
     batch = jax.tree.map(lambda x: x[0], chunk)
     return embed_rows(mdef, params, batch, token_id, dtype=dtype, remat=remat, rng=key)
 
@@ -80,11 +87,6 @@ def make_update(mdef, optimizer, cfg: EmbedderTrainConfig, token_id: int):
     state["params"] = {"model": trainable model params (LoRA adapters, or everything),
     and with a learnable logit scale "log_scale"}; `frozen` holds the base weights.
     """
-    import optax
-
-    from .. import lora as lora_lib
-    from ..embed.losses import grad_cache, info_nce, logit_scale_param
-
     dtype = jnp.dtype(cfg.compute_dtype)
     fn = functools.partial(embed_fn, mdef, token_id, dtype, cfg.remat)
     use_dropout = cfg.lora is not None and cfg.lora.dropout > 0
@@ -126,93 +128,48 @@ def make_update(mdef, optimizer, cfg: EmbedderTrainConfig, token_id: int):
     return update
 
 
-# ------------------------------------------------------------------ host side
-class EmbedderTrainer:
-    """Builds everything from a config and runs (or resumes) training in WORKDIR."""
+# ------------------------------------------------------------------ the trainer
+class EmbedderTrainer(Trainer):
+    """Config, data, step function and the Hit@1 hook; the rest is the trainer core."""
 
-    def __init__(self, cfg: EmbedderTrainConfig, workdir, *, mesh=None):
-        from .. import lora as lora_lib
-        from ..checkpoint import load_model
-        from ..data.inputs import InputBuilder
-        from ..embed.embedder import load_image_processor, load_tokenizer
-        from ..hf import param_shardings
-        from ..models.qwen3_vl.model import init_adapters, model_def
-        from ..sharding import make_mesh
-        from .state import make_optimizer, place_state
+    desc = "train-embedder"
 
-        self.cfg = cfg
-        self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        write_run_config(self.workdir, to_dict(cfg))
-        self.mesh = mesh or make_mesh(cfg.mesh)
-        model_dir = self._model_dir()
-        self.tokenizer = load_tokenizer(model_dir, cfg.inputs.emb_token)
-        self.token_id = int(self.tokenizer.convert_tokens_to_ids(cfg.inputs.emb_token))
-        handle = load_model(model_dir, mesh=self.mesh, dtype=cfg.base_dtype)
-        if self.token_id >= handle.model_config.text.vocab_size:
-            raise ValueError(f"<emb> id {self.token_id} is outside the model's vocabulary ({handle.model_config.text.vocab_size})")
-        self.base = handle
-        self.builder = InputBuilder(self.tokenizer, load_image_processor(model_dir, handle.config), handle.config, cfg.inputs)
-        self.model_dir = model_dir
-        self.mdef = model_def(handle.model_config.replace(emb_token_ids=(self.token_id,)), cfg.lora)
-        key = jax.random.key(cfg.seed)
-        shardings = param_shardings(self.mdef, self.mesh)
-        if cfg.lora is not None:
-            trainable = init_adapters(self.mdef, jax.random.fold_in(key, 1), shardings)
-            frozen = handle.params
+    def __init__(self, cfg: EmbedderTrainConfig, workdir, *, mesh=None, abstract: bool = False):
+        super().__init__(cfg, workdir, mesh=mesh, abstract=abstract)
+        handle = self.base = self.load_base(cfg.model, self._build_toy_base)
+        if abstract:
+            self.token_id = int((handle.model_config.emb_token_ids or (handle.model_config.text.vocab_size - 1,))[0])
         else:
-            # the Embedder never reads the LM head: keep it out of the optimizer (no moments, no
-            # weight decay), as PyTorch's AdamW skips a parameter without a gradient
-            trainable = jax.tree.map(lambda x: x.astype(jnp.float32),
-                                     {k: v for k, v in handle.params.items() if k != "lm_head"})
-            frozen = {k: v for k, v in handle.params.items() if k == "lm_head"}
-        self.frozen = frozen
-        self.frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
-        self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        self.trainable_shardings = {"model": lora_lib.split(shardings)[0] if cfg.lora is not None
-                                    else {k: v for k, v in shardings.items() if k != "lm_head"}}
-        trainable = {"model": trainable}
+            self.tokenizer = load_tokenizer(self.source, cfg.inputs.emb_token)
+            self.token_id = int(self.tokenizer.convert_tokens_to_ids(cfg.inputs.emb_token))
+            self.image_processor = load_image_processor(self.source, handle.config)
+            self.builder = InputBuilder(self.tokenizer, self.image_processor, handle.config, cfg.inputs)
+        if self.token_id >= handle.model_config.text.vocab_size:
+            raise UserError(f"<emb> id {self.token_id} is outside the model's vocabulary ({handle.model_config.text.vocab_size})")
+        self.mdef = mdef = model_def(handle.model_config.replace(emb_token_ids=(self.token_id,)), cfg.lora)
+        # the Embedder never reads the LM head: with full fine-tuning it stays out of the optimizer
+        # (no moments, no weight decay), as PyTorch's AdamW skips a parameter without a gradient
+        model, self.frozen, model_sh = self.split_params(mdef, handle.params, cfg.lora, frozen_keys=("lm_head",))
+        if cfg.lora is None:
+            handle.params = None  # trained from the fp32 copy; the frozen LM head is kept in `frozen`
+        trainable, shardings = {"model": model}, {"model": model_sh}
         if cfg.learn_logit_scale:
             trainable["log_scale"] = jnp.log(jnp.float32(cfg.logit_scale))
-            self.trainable_shardings["log_scale"] = self.replicated
-        self.optimizer = make_optimizer(cfg.optim, cfg.steps)
-        self._build_data()
-        self.state, self.state_shardings, self.state_shapes = place_state(
-            trainable, self.optimizer, self.trainable_shardings, self.mesh)
-        self._update = jax.jit(
-            make_update(self.mdef, self.optimizer, cfg, self.token_id),
-            in_shardings=(self.state_shardings, self.frozen_shardings, None, None, None),  # batches arrive placed
-            out_shardings=(self.state_shardings, self.replicated),
-            donate_argnums=(0,),
-        )
+            shardings["log_scale"] = self.replicated
+        if not abstract:
+            self._build_data()
+        self.setup_state(trainable, shardings, cfg.steps)
+        frozen_sh = jax.tree.map(lambda x: x.sharding, self.frozen)
+        self.jit_update(make_update(mdef, self.optimizer, cfg, self.token_id), (frozen_sh,), batch_args=3)
 
-    # -- model source
-    def _model_dir(self) -> Path:
-        if self.cfg.model != "tiny":
-            path = Path(self.cfg.model)
-            if not (path / "config.json").exists():
-                raise FileNotFoundError(f"model {path}: no config.json")
-            return path
-        path = self.workdir / "tiny_base"
-
-        def build():
-            if not (path / "config.json").exists():
-                from ..data.toy import make_toy_retrieval
-
-                manifest = make_toy_retrieval(self.workdir / "data")
-                build_tiny_base(path, seed=self.cfg.seed, corpus=toy_corpus(manifest) + [self.cfg.inputs.suffix])
-
-        primary_first(build, "embedrl_tiny_base")
-        return path
+    def _build_toy_base(self, path):
+        manifest = make_toy_retrieval(self.workdir / "data")
+        build_tiny_base(path, seed=self.cfg.seed, corpus=toy_corpus(manifest) + [self.cfg.inputs.suffix])
 
     # -- data
     def _build_data(self):
-        from ..data import pipeline, records as rec
-        from ..data.toy import make_toy_retrieval
-
         cfg = self.cfg.data
-        sources, names, is_video = [], [], []
-        heldout = {}
+        sources, names, is_video, heldout, skipped = [], [], [], {}, {}
         mmeb, hound = list(cfg.mmeb), list(cfg.llavahound)
         if cfg.toy:
             manifest = primary_first(lambda: make_toy_retrieval(self.workdir / "data"), "embedrl_toy_data")
@@ -222,30 +179,21 @@ class EmbedderTrainer:
                     target.append(d["path"])
                 else:
                     heldout[name] = d
-        skipped = {}
-        for path in mmeb:
-            records, report = rec.read_mmeb(path, skip_bad=cfg.skip_bad)
-            sources.append(records), names.append(Path(path).stem), is_video.append(False)
-            skipped[Path(path).stem] = report.skipped
-        for path in hound:
-            records, report = rec.read_llavahound(path, skip_bad=cfg.skip_bad)
-            sources.append(records), names.append(Path(path).stem), is_video.append(True)
-            skipped[Path(path).stem] = report.skipped
+        for paths, reader, video in ((mmeb, rec.read_mmeb, False), (hound, rec.read_llavahound, True)):
+            for path in paths:
+                records, report = reader(path, skip_bad=cfg.skip_bad)
+                sources.append(records), names.append(Path(path).stem), is_video.append(video)
+                skipped[Path(path).stem] = report.skipped
         if not sources:
-            raise ValueError("data: no training datasets (set data.toy=true or give data.mmeb / data.llavahound)")
-        self.skipped = skipped
-        self.dataset_names = names
-        weights = [cfg.weights.get(n, 1.0) for n in names]
+            raise ConfigError("data: no training datasets (set data.toy=true or give data.mmeb / data.llavahound)")
+        self.skipped, self.dataset_names, self.sources = skipped, names, sources
         self.sampler = pipeline.MixtureSampler.from_sources(
-            sources, weights, is_video, cfg.sub_batch_size,
+            sources, [cfg.weights.get(n, 1.0) for n in names], is_video, cfg.sub_batch_size,
             sub_batches_per_batch=cfg.sub_batches_per_batch, max_video_sub_batches=cfg.max_video_sub_batches,
             seed=self.cfg.seed,
         )
-        self.sources = sources
-        self.process = (jax.process_index(), jax.process_count())
         self.eval_sets = {}
-        wanted = cfg.heldout or tuple(n for n, d in heldout.items() if not d.get("is_video"))
-        for name in wanted:
+        for name in cfg.heldout or tuple(n for n, d in heldout.items() if not d.get("is_video")):
             if name in heldout:
                 d = heldout[name]
                 reader = rec.read_mmeb if d["format"] == "mmeb" else rec.read_llavahound
@@ -253,65 +201,65 @@ class EmbedderTrainer:
             else:
                 self.eval_sets[Path(name).stem] = rec.read_mmeb(name)[0][: self.cfg.eval_pairs]
 
-    def _iterator(self, start_step: int):
-        from ..data import pipeline
-
+    def data_iterator(self, start_step: int):
         return pipeline.pair_iterator(self.sources, self.sampler, process_index=self.process[0],
                                       process_count=self.process[1], start_step=start_step)
 
+    def steps_per_epoch(self) -> float:
+        pairs = self.cfg.data.sub_batch_size * self.cfg.data.sub_batches_per_batch
+        return sum(len(s) for s in self.sources) / pairs
+
     def host_batch(self, records):
         """One step's records -> (q chunks, p chunks) packed arrays [C, ...] for this host."""
-        from ..models.qwen3_vl.inputs import hosts_shape, pack_chunks
-
         c = self.cfg.grad_cache_chunks
         if len(records) % c:
-            raise ValueError(f"batch of {len(records)} pairs is not divisible by grad_cache_chunks={c}")
-        use_tcot = self.cfg.data.use_tcot
-        strip = (lambda it: it) if use_tcot else (lambda it: {k: v for k, v in it.items() if k != "tcot"})
-        qs = [strip(r.query) for r in records]
-        ps = [strip(r.positive) for r in records]
-        size = len(records) // c
-        cfg = self.mdef.config
-        buckets = self.cfg.buckets
+            raise ConfigError(f"batch of {len(records)} pairs is not divisible by grad_cache_chunks={c}")
+        strip = (lambda it: it) if self.cfg.data.use_tcot else (lambda it: {k: v for k, v in it.items() if k != "tcot"})
+        size, mcfg, buckets = len(records) // c, self.mdef.config, self.cfg.buckets
         out = []
-        for side in (qs, ps):
+        for side in ([strip(r.query) for r in records], [strip(r.positive) for r in records]):
             built = [self.builder.build(side[i * size:(i + 1) * size]) for i in range(c)]
             # every host packs its share alike: the global arrays are the hosts' rows side by side
-            out.append(pack_chunks(cfg, built, buckets, shape=hosts_shape(cfg, built, buckets, self.mesh)))
+            out.append(pack_chunks(mcfg, built, buckets, shape=hosts_shape(mcfg, built, buckets, self.mesh)))
         return tuple(out)
 
     def device_batch(self, arrays):
         """This host's [C, b, ...] chunks -> global arrays (the hosts' rows side by side per chunk)."""
-        from ..hf import BATCH_AXES
-        from ..models.qwen3_vl.inputs import host_share
-        from ..sharding import global_batch
-
         arrays = host_share(self.mdef.config, arrays, jax.process_index())
         return global_batch(self.mesh, arrays, {k: (None,) + BATCH_AXES[k] for k in arrays})
 
-    # -- eval
-    def embed_items(self, items, batch_size: int = 16) -> np.ndarray:
-        from ..models.qwen3_vl.inputs import pack_chunks
+    def train_step(self, step: int, records) -> dict:
+        t0 = time.perf_counter()
+        q, p = (self.device_batch(x) for x in self.host_batch(records))
+        with jax.set_mesh(self.mesh):
+            self.state, metrics = self.update(self.state, self.frozen, q, p,
+                                              jax.random.fold_in(jax.random.key(self.cfg.seed), step))
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        dt = time.perf_counter() - t0
+        return {"loss": metrics.pop("loss"), "pairs_per_s": len(records) * self.process[1] / dt, "step_s": dt,
+                **metrics}
 
-        fn = self._eval_fn()
-        params = self.model_params()
-        out = []
+    def abstract_update_args(self, *, pairs: int, seq: int, vision: tuple[int, int] | None = None) -> tuple:
+        """(frozen, q, p, key) of one step of `pairs` pairs per side: `seq` tokens per item and
+        `vision` = (patch rows, row length) per chunk, in grad_cache_chunks chunks."""
+        c = self.cfg.grad_cache_chunks
+        spec = packed_spec(self.mdef.config, pairs // c, seq, vision, lead=(c,))
+        side = placed_spec(self.mesh, spec, {k: (None,) + BATCH_AXES[k] for k in spec})
+        key = jax.eval_shape(lambda: jax.random.key(0))
+        return abstract_of(self.frozen), side, side, key
+
+    # -- eval hook
+    def embed_items(self, items, batch_size: int = 16) -> np.ndarray:
+        fn, params, out = self._eval_fn(), self.model_params(), []
         for i in range(0, len(items), batch_size):
-            part = list(items[i:i + batch_size])
-            arrays = pack_chunks(self.mdef.config, [self.builder.build(part)], self.cfg.buckets)
+            arrays = pack_chunks(self.mdef.config, [self.builder.build(list(items[i:i + batch_size]))], self.cfg.buckets)
             with jax.set_mesh(self.mesh):
                 out.append(to_host(fn(params, arrays)))  # every host evaluates; gathered across hosts
         return np.concatenate(out)
 
     @functools.cache
     def _eval_fn(self):
-        return jax.jit(functools.partial(embed_fn, self.mdef, self.token_id, jnp.dtype(self.cfg.compute_dtype), False))
-
-    def model_params(self):
-        from .. import lora as lora_lib
-
-        model = self.state["params"]["model"]
-        return lora_lib.combine(model, self.frozen) if self.frozen else model
+        return jax.jit(functools.partial(embed_fn, self.mdef, self.token_id, jnp.dtype(self.cfg.compute_dtype), "none"))
 
     def evaluate(self) -> dict[str, float]:
         """Hit@1 of query -> positive among the held-out pairs (chance = 1/N)."""
@@ -319,104 +267,10 @@ class EmbedderTrainer:
         for name, recs in self.eval_sets.items():
             q = self.embed_items([r.query for r in recs])
             p = self.embed_items([r.positive for r in recs])
-            hit = float(np.mean(np.argmax(q @ p.T, axis=1) == np.arange(len(recs))))
-            out[f"eval/{name}/hit1"] = hit
+            out[f"eval/{name}/hit1"] = float(np.mean(np.argmax(q @ p.T, axis=1) == np.arange(len(recs))))
             out[f"eval/{name}/chance"] = 1.0 / len(recs)
         return out
 
-    # -- loop
-    def run(self, steps: int | None = None, *, progress: bool = True) -> dict:
-        from tqdm import tqdm
-
-        from .checkpoint import TrainCheckpointer
-        from .metrics import MetricsWriter
-        from .state import schedule
-
-        cfg = self.cfg
-        total = cfg.steps if steps is None else steps
-        ckpt = TrainCheckpointer(self.workdir / "checkpoints", max_to_keep=cfg.keep_checkpoints,
-                                 async_save=cfg.async_checkpoints)
-        restored, data_state = ckpt.restore_latest(self.state_shapes, self.state_shardings)
-        start = 0
-        if restored is not None:
-            self.state, start = restored, int(data_state["step"])
-        it = self._iterator(start)
-        writer = MetricsWriter(self.workdir / "metrics.jsonl", resume_step=start, enabled=jax.process_index() == 0)
-        lr_fn = schedule(cfg.optim, cfg.steps)
-        base_key = jax.random.key(cfg.seed)
-        bar = tqdm(range(start, total), initial=start, total=total, disable=not progress, desc="train-embedder")
-        last = {}
-        try:
-            for step in bar:
-                t0 = time.perf_counter()
-                records = next(it)
-                q, p = self.host_batch(records)
-                q, p = self.device_batch(q), self.device_batch(p)
-                with jax.set_mesh(self.mesh):
-                    self.state, metrics = self._update(self.state, self.frozen, q, p, jax.random.fold_in(base_key, step))
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                dt = time.perf_counter() - t0
-                row = {"step": step + 1, "loss": metrics["loss"], "lr": float(lr_fn(step)),
-                       "pairs_per_s": len(records) * self.process[1] / dt, "step_s": dt,
-                       **{k: v for k, v in metrics.items() if k != "loss"}}
-                if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == total):
-                    row.update(self.evaluate())
-                writer.write(row)
-                last = row
-                bar.set_postfix(loss=f"{row['loss']:.3f}")
-                if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total:
-                    ckpt.save(step + 1, self.state, {"step": step + 1, "iterator": it.get_state()}, force=True)
-        finally:
-            ckpt.close()
-            writer.close()
-        return last
-
-    def export(self, out_dir, *, overwrite=False):
-        """Merged (LoRA folded in) HF checkpoint with the tokenizer (with <emb>) and emb_token_ids."""
-        from ..hf import Qwen3VLHandle, save_hf
-
-        params = self.model_params()
-        mdef, merged = self.mdef.merged(params)
-        handle = Qwen3VLHandle(self.base.config, mdef, merged, self.mesh, source=self.model_dir)
-        return save_hf(handle, out_dir, overwrite=overwrite, extra_config={"emb_token_ids": [self.token_id]},
-                       write_extra=self.tokenizer.save_pretrained)
-
-
-def toy_corpus(manifest) -> list[str]:
-    """Every text of the toy datasets (queries, positives, T-CoTs), to train the toy tokenizer on."""
-    texts = []
-    for d in manifest["datasets"].values():
-        raw = Path(d["path"]).read_text()
-        rows = [json.loads(line) for line in raw.splitlines() if line.strip()] if d["format"] == "mmeb" else json.loads(raw)
-        for row in rows:
-            texts += [v for v in _strings(row)]
-    return texts
-
-
-def _strings(obj):
-    if isinstance(obj, str):
-        if not obj.endswith((".png", ".jpg")):
-            yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _strings(v)
-    elif isinstance(obj, list):
-        for v in obj:
-            yield from _strings(v)
-
-
-def build_tiny_base(path: Path, seed: int = 0, corpus=None, vocab: int = 1024):
-    """A toy Embedder base built offline: a tiny random Qwen3-VL, a BPE tokenizer trained on the
-    toy corpus (so prompts stay short) with <emb> added, and an image processor."""
-    from ..testing import image_processor, tiny_hf_model, tiny_tokenizer
-
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tiny_hf_model(seed=seed, vocab=vocab).save_pretrained(tmp)
-    tok = tiny_tokenizer(corpus, vocab_size=vocab - 16)
-    tok.add_tokens(["<emb>"])
-    tok.save_pretrained(tmp)
-    image_processor(min_tokens=4, max_tokens=16).save_pretrained(tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+    def export_config(self) -> dict:
+        return {"emb_token_ids": [self.token_id]}
 

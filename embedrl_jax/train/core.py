@@ -1,0 +1,343 @@
+"""The one trainer core: setup, loop, resume and export, written once for every trainer.
+
+A trainer (train/embedder.py, train/sft.py, train/reasoner.py) subclasses `Trainer` and supplies
+its config (a `TrainerConfig` subclass), its data, its step function and its hooks:
+
+    data_iterator(start)  -> iterator of step inputs with get_state() (checkpointed with the state)
+    train_step(step, x)   -> metrics row of one step (runs self.update on placed arrays)
+    evaluate()            -> eval metrics (called every cfg.eval_every steps)
+    abstract_update_args(**dims) -> the update's arguments after the state, as ShapeDtypeStructs
+
+The core owns the mesh, the model source (HF directory, orbax directory, the toy base, or
+*abstract*: shapes and shardings only, nothing read or allocated), the trainable/frozen split
+(LoRA adapters, or full fine-tuning with named top-level weights kept frozen), the train state's
+shardings and placement, the optimizer, the one donated jitted update (explicit in/out
+shardings), the run loop (exact resume with the data iterator's state, tqdm, metrics rows, eval
+hook, checkpoint and export cadence) and the merged atomic export to WORKDIR/export.
+
+Built with `abstract=True` a trainer reads no weights and no data; `programs(**dims)` then gives
+its jitted programs with the abstract arguments of one step, so `fn.lower(*args).compile()`
+compiles exactly what a run would, on any mesh (compile-only TPU devices included).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+from .. import lora as lora_lib
+from ..checkpoint import load_model
+from ..config import PRESET_DIR, to_dict
+from ..errors import ConfigError, MissingFileError, UserError
+from ..fsutil import primary_first, write_run_config
+from ..hf import Qwen3VLHandle, param_shardings, read_hf_config, save_hf
+from ..models.qwen3_vl.config import Qwen3VLConfig
+from ..models.qwen3_vl.inputs import Buckets, pack_inputs
+from ..models.qwen3_vl.model import init_adapters, model_def
+from ..sharding import MeshConfig, logical_to_spec, make_mesh
+from ..toy.base import tiny_hf_config
+from .checkpoint import TrainCheckpointer, abstract_like
+from .metrics import MetricsWriter
+from .state import init_state, make_optimizer, schedule, state_shardings
+
+__all__ = ["TrainerConfig", "Trainer", "REMAT_POLICIES", "packed_spec", "placed_spec", "abstract_of"]
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "offload")
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+VISION_KEYS = ("patches", "segment_ids", "pos_idx", "pos_w", "rowcol")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerConfig:
+    """What every trainer shares; the three trainer configs extend it, so their keys stay flat
+    (`steps=`, `mesh.fsdp=`, `buckets.seq_min=` as in the toy configs). Checked when built."""
+
+    steps: int = 100
+    epochs: float | None = None  # set: train this many passes over the training data instead of `steps`
+    seed: int = 0
+    mesh: MeshConfig = MeshConfig()  # noqa: RUF009
+    buckets: Buckets = Buckets()  # noqa: RUF009
+    compute_dtype: str = "bfloat16"
+    base_dtype: str = "float32"  # frozen base weights (full fine-tuning keeps fp32 masters)
+    remat: str | bool = "none"  # none | full | dots | dots_no_batch | offload (true = full, false = none)
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 3
+    async_checkpoints: bool = True
+    eval_every: int = 0  # 0: no periodic evaluation
+    export: bool = True  # write the merged model to WORKDIR/export when the run ends
+    export_every: int = 0  # also export every this many steps (0: only at the end)
+
+    def __post_init__(self):
+        if isinstance(self.remat, bool):
+            object.__setattr__(self, "remat", "full" if self.remat else "none")
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"remat: {self.remat!r} is not one of {list(REMAT_POLICIES)} (or true/false)")
+        for name in ("compute_dtype", "base_dtype"):
+            if getattr(self, name) not in FLOAT_DTYPES:
+                raise ConfigError(f"{name}: {getattr(self, name)!r} is not one of {list(FLOAT_DTYPES)}")
+        for name in ("steps", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "export_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ConfigError(f"epochs must be > 0 or null, got {self.epochs}")
+        if self.seed < 0:
+            raise ConfigError(f"seed must be >= 0, got {self.seed}")
+
+
+# ------------------------------------------------------------------ abstract arrays
+def abstract_of(tree):
+    """ShapeDtypeStructs (with their shardings) of a tree of arrays or ShapeDtypeStructs."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def packed_spec(mcfg: Qwen3VLConfig, rows: int, seq: int, vision: tuple[int, int] | None = None,
+                lead: tuple[int, ...] = ()) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes and dtypes of `pack_inputs`' arrays for `rows` samples of `seq` tokens and `vision`
+    = (patch rows, row length), each with leading dims `lead`: read off one tiny packing, so the
+    spec follows whatever the packer emits."""
+    n = mcfg.vision.spatial_merge_size ** 2
+    tiny, _ = pack_inputs(mcfg, np.zeros((1, 8), np.int32), pad_to=8, vision=(1, n) if vision else None,
+                          buckets=Buckets(exact=True))
+    out = {}
+    for k, a in tiny.items():
+        if k == "positions":
+            shape = (a.shape[0], rows, seq)
+        elif k in VISION_KEYS:
+            shape = (vision[0], vision[1]) + a.shape[2:]
+        else:
+            shape = (rows, seq) + a.shape[2:]
+        out[k] = jax.ShapeDtypeStruct(tuple(lead) + shape, a.dtype)
+    return out
+
+
+def placed_spec(mesh, spec: dict[str, jax.ShapeDtypeStruct], axes: dict[str, tuple]) -> dict[str, jax.ShapeDtypeStruct]:
+    """The same ShapeDtypeStructs carrying the shardings the rules table gives their logical axes."""
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
+                                    sharding=NamedSharding(mesh, logical_to_spec(axes[k], v.shape, mesh)))
+            for k, v in spec.items()}
+
+
+# ------------------------------------------------------------------ the trainer
+class Trainer:
+    """Base of every trainer; see the module docstring for the hooks a trainer supplies."""
+
+    desc = "train"  # progress-bar label
+    updates_per_step = 1  # optimizer updates per step (the learning-rate schedule counts these)
+
+    def __init__(self, cfg: TrainerConfig, workdir, *, mesh=None, abstract: bool = False):
+        if not isinstance(cfg, TrainerConfig):
+            raise TypeError(f"{type(self).__name__} needs a TrainerConfig, got {type(cfg).__name__}")
+        self.cfg = cfg
+        self.abstract = abstract
+        self.workdir = Path(workdir)
+        self.mesh = mesh if mesh is not None else make_mesh(cfg.mesh)
+        self.replicated = NamedSharding(self.mesh, P())
+        self.process = (jax.process_index(), jax.process_count())
+        self.frozen: dict = {}
+        if not abstract:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            write_run_config(self.workdir, to_dict(cfg))
+
+    # -- model source
+    def model_dir(self, spec: str, build_toy, name: str = "tiny_base") -> Path:
+        """`spec` "tiny": WORKDIR/<name>, built once by `build_toy(path)` (process 0 first);
+        otherwise an HF (config.json) or orbax (params/) directory."""
+        if spec != "tiny":
+            path = Path(spec)
+            if not ((path / "config.json").exists() or (path / "params").is_dir()):
+                raise MissingFileError(f"model {path}: no config.json (Hugging Face) or params/ (orbax)")
+            return path
+        path = self.workdir / name
+
+        def build():
+            if not (path / "config.json").exists():
+                build_toy(path)
+
+        primary_first(build, f"embedrl_{name}_{type(self).__name__}")
+        return path
+
+    def load_base(self, spec: str, build_toy=None, *, dtype: str | None = None) -> Qwen3VLHandle:
+        """The base model on the mesh; with `abstract`, its config and ShapeDtypeStruct params only.
+
+        Abstract sources: "tiny" (the toy base's shape), an HF/orbax directory (config.json only
+        is read), a config.json-style file, or a model preset name (configs/models/<name>.json).
+        """
+        dtype = dtype or self.cfg.base_dtype
+        if not self.abstract:
+            self.source = self.model_dir(spec, build_toy)
+            return load_model(self.source, mesh=self.mesh, dtype=dtype)
+        self.source = None
+        if spec == "tiny":
+            hf = tiny_hf_config(vocab=1024)
+            ours = Qwen3VLConfig.from_hf_dict(hf.to_dict())
+        elif Path(spec).is_dir():
+            hf, ours = read_hf_config(spec)
+        else:
+            path = Path(spec) if Path(spec).suffix == ".json" else PRESET_DIR / "models" / f"{spec}.json"
+            if not path.is_file():
+                raise MissingFileError(f"model {spec!r}: not a directory, config file or preset in {path.parent}")
+            hf, ours = None, Qwen3VLConfig.from_hf_dict(json.loads(path.read_text()))
+        mdef = model_def(ours)
+        shardings = param_shardings(mdef, self.mesh)
+        params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, jnp.dtype(dtype), sharding=s),
+                              mdef.abstract_params(), shardings)
+        return Qwen3VLHandle(hf, mdef, params, self.mesh)
+
+    # -- trainable / frozen
+    def split_params(self, mdef, base_params, lora, *, frozen_keys=()):
+        """(trainable, frozen, trainable shardings). LoRA: fresh adapters (key fold_in(seed, 1))
+        trained, the whole base frozen. Full fine-tuning: an fp32 copy of every weight but the
+        top-level `frozen_keys` is trained: a real copy, so the donated update never deletes the
+        base weights a caller keeps (e.g. as the GRPO reference); drop them if unused."""
+        shardings = param_shardings(mdef, self.mesh)
+        key = jax.random.fold_in(jax.random.key(self.cfg.seed), 1)
+        if lora is not None:
+            if self.abstract:
+                trainable = jax.tree.map(
+                    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                    jax.eval_shape(lambda k: init_adapters(mdef, k), key), lora_lib.split(shardings)[0])
+            else:
+                trainable = init_adapters(mdef, key, shardings)
+            return trainable, base_params, lora_lib.split(shardings)[0]
+        train_sh = {k: v for k, v in shardings.items() if k not in frozen_keys}
+        frozen = {k: v for k, v in base_params.items() if k in frozen_keys}
+        base = {k: v for k, v in base_params.items() if k not in frozen_keys}
+        if self.abstract:
+            trainable = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=x.sharding), base)
+        else:
+            trainable = jax.jit(lambda t: jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), t),
+                                out_shardings=train_sh)(base)
+        return trainable, frozen, train_sh
+
+    # -- state, optimizer, the one update
+    def setup_state(self, trainable, trainable_shardings, schedule_steps: int):
+        """Optimizer and the train state {step, params, opt_state}, placed (or abstract)."""
+        self.schedule_steps = schedule_steps
+        self.optimizer = make_optimizer(self.cfg.optim, schedule_steps)
+        self.state_shapes = jax.eval_shape(lambda t: init_state(t, self.optimizer), trainable)
+        self.state_shardings = state_shardings(self.state_shapes, jax.eval_shape(lambda t: t, trainable),
+                                               trainable_shardings, self.mesh)
+        if self.abstract:
+            self.state = abstract_like(self.state_shapes, self.state_shardings)
+        else:
+            self.state = jax.device_put(init_state(trainable, self.optimizer), self.state_shardings)
+
+    def jit_update(self, step_fn, extra_shardings: tuple, batch_args: int):
+        """step_fn(state, *extra, *batch) -> (state, metrics) as one jitted, donated function:
+        the state in and out on its shardings, `extra` (frozen weights) on theirs, metrics
+        replicated; batch arguments arrive already placed."""
+        self.update = jax.jit(step_fn, in_shardings=(self.state_shardings, *extra_shardings) + (None,) * batch_args,
+                              out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
+        return self.update
+
+    def programs(self, **dims) -> dict[str, tuple[Any, tuple]]:
+        """{name: (jitted function, abstract arguments)} of one step with batch dims `dims`
+        (see each trainer's `abstract_update_args`): `fn.lower(*args).compile()` compiles it."""
+        return {"update": (self.update, (abstract_like(self.state_shapes, self.state_shardings),
+                                         *self.abstract_update_args(**dims)))}
+
+    def abstract_update_args(self, **dims) -> tuple:
+        raise NotImplementedError
+
+    def model_params(self):
+        """The model's full parameters now (adapters combined with the frozen base)."""
+        model = self.state["params"]["model"]
+        return lora_lib.combine(model, self.frozen) if self.frozen else model
+
+    # -- hooks with defaults
+    def evaluate(self) -> dict[str, float]:
+        return {}
+
+    def check_resume(self, data_state: dict) -> None:
+        """Raise if the checkpointed data state cannot be resumed exactly."""
+
+    def steps_per_epoch(self) -> float:
+        raise ConfigError(f"epochs: {type(self).__name__} counts steps only")
+
+    def postfix(self, row: dict) -> dict:
+        return {"loss": f"{row['loss']:.3f}"} if "loss" in row else {}
+
+    def export_config(self) -> dict:
+        return {}
+
+    def total_steps(self) -> int:
+        if self.cfg.epochs is None:
+            return self.cfg.steps
+        return max(1, int(np.ceil(self.cfg.epochs * self.steps_per_epoch())))
+
+    # -- the loop
+    def run(self, steps: int | None = None, *, progress: bool = True, export: bool | None = None) -> dict:
+        """Train (resuming from WORKDIR/checkpoints) until `steps` (default: the config's);
+        returns the last metrics row. Exports to WORKDIR/export at the end when `export` (default
+        cfg.export) and a step ran or no export exists yet."""
+        if self.abstract:
+            raise UserError("an abstract trainer (shapes only) compiles its programs; it cannot run")
+        cfg = self.cfg
+        total = self.total_steps() if steps is None else steps
+        ckpt = TrainCheckpointer(self.workdir / "checkpoints", max_to_keep=cfg.keep_checkpoints,
+                                 async_save=cfg.async_checkpoints)
+        restored, data_state = ckpt.restore_latest(self.state_shapes, self.state_shardings)
+        start = 0
+        if restored is not None:
+            try:
+                self.check_resume(data_state)
+            except BaseException:
+                ckpt.close()
+                raise
+            self.state, start = restored, int(data_state["step"])
+        it = self.data_iterator(start)
+        writer = MetricsWriter(self.workdir / "metrics.jsonl", resume_step=start, enabled=self.process[0] == 0)
+        lr_fn = schedule(cfg.optim, self.schedule_steps)
+        bar = tqdm(range(start, total), initial=start, total=total, disable=not progress, desc=self.desc)
+        last = {}
+        try:
+            for step in bar:
+                row = {"step": step + 1, **self.train_step(step, next(it))}
+                row.setdefault("lr", float(lr_fn(step * self.updates_per_step)))
+                if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == total):
+                    row.update(self.evaluate())
+                writer.write(row)
+                last = row
+                bar.set_postfix(**self.postfix(row))
+                if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total:
+                    ckpt.save(step + 1, self.state, {"step": step + 1, "iterator": it.get_state()}, force=True)
+                if cfg.export_every and (step + 1) % cfg.export_every == 0 and step + 1 != total:
+                    self.export()
+        finally:
+            ckpt.close()
+            writer.close()
+        if (cfg.export if export is None else export) and (last or not (self.export_dir / "config.json").exists()):
+            self.export()
+        return last
+
+    # -- export
+    @property
+    def export_dir(self) -> Path:
+        return self.workdir / "export"
+
+    def export(self, out_dir=None, *, overwrite: bool = True) -> Path:
+        """The merged model (LoRA folded in) as an HF directory with the tokenizer, the image
+        processor and `export_config()` (the Embedder's emb_token_ids), published atomically;
+        tensors keep the source checkpoint's dtypes."""
+        out = Path(out_dir) if out_dir is not None else self.export_dir
+        mdef, merged = self.mdef.merged(self.model_params())
+        handle = Qwen3VLHandle(self.base.config, mdef, merged, self.mesh, source=self.source,
+                               source_dtypes=self.base.source_dtypes)
+
+        def processors(tmp: Path):
+            self.tokenizer.save_pretrained(tmp)
+            if not (tmp / "preprocessor_config.json").exists():
+                self.image_processor.save_pretrained(tmp)
+
+        return save_hf(handle, out, overwrite=overwrite, extra_config=self.export_config() or None,
+                       write_extra=processors)
