@@ -77,7 +77,7 @@ def test_two_processes_run_eg_rl_like_one(tmp_path):
     with the frozen Embedder and takes the same update as one host does."""
     from embedrl_jax.data.toy_rl import make_toy_keywords
     from embedrl_jax.prompts import load_prompts
-    from embedrl_jax.train.embedder import build_tiny_base
+    from embedrl_jax.toy.base import build_tiny_base
 
     m = make_toy_keywords(tmp_path / "data", embedder_pairs=8, rl_pairs=16, sft_samples=8, heldout_pairs=8)
     corpus = [v for path in m["files"].values() for line in open(path)

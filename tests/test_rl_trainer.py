@@ -12,7 +12,7 @@ from embedrl_jax.rl.trainer import GRPOConfig, ReasonerRLConfig, ReasonerRLTrain
 from embedrl_jax.rl.rewards import RewardConfig
 from embedrl_jax.models.qwen3_vl.inputs import Buckets
 from embedrl_jax.sharding import MeshConfig
-from embedrl_jax.train.embedder import build_tiny_base
+from embedrl_jax.toy.base import build_tiny_base
 
 
 @pytest.fixture(scope="module")

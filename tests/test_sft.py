@@ -31,7 +31,7 @@ def _completion(obj, color):
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A tiny base (tokenizer trained on the samples) and 16 samples: 4 prompts x 4 copies."""
-    from embedrl_jax.train.embedder import build_tiny_base
+    from embedrl_jax.toy.base import build_tiny_base
 
     root = tmp_path_factory.mktemp("sft")
     rows = []
@@ -77,7 +77,7 @@ def test_loss_falls_and_greedy_decoding_reproduces_a_completion(base, trained):
     assert {"loss", "lr", "tokens", "mean_logp", "grad_norm", "step_s"} <= set(rows[0])
     losses = [r["loss"] for r in rows]
     assert np.mean(losses[-5:]) < 0.25 * np.mean(losses[:5]), losses
-    model = workdir / "model"
+    model = workdir / "export"
     for name in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"):
         assert (model / name).exists(), name
     reasoner = Reasoner.from_pretrained(model, input_config=INPUTS)
@@ -174,6 +174,6 @@ def test_cli_runs_the_verb_and_exports(base, tmp_path):
     assert main(args) == 0
     rows = read_metrics(tmp_path / "w" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2] and rows[0]["skipped"] == 1
-    assert (tmp_path / "w" / "model" / "config.json").exists()
+    assert (tmp_path / "w" / "export" / "config.json").exists()
     missing = ["sft-reasoner", "--workdir", str(tmp_path / "x"), "data.toy=false", 'data.files=["/no/such.jsonl"]']
     assert main(missing) == 2

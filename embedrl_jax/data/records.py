@@ -43,6 +43,8 @@ from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 
+from ..errors import UserError
+
 __all__ = [
     "PairRecord",
     "RecordError",
@@ -60,7 +62,7 @@ _VIDEO_MARKER = re.compile(r"<video>")
 _MEDIA_KEYS = ("images", "video")
 
 
-class RecordError(ValueError):
+class RecordError(UserError):
     """A bad training record or an unreadable image.
 
     Attributes: ``source`` (record file), ``index`` (0-based record index), ``field`` (the record

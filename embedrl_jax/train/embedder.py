@@ -34,8 +34,7 @@ from ..toy.base import build_tiny_base, toy_corpus
 from .core import Trainer, TrainerConfig, abstract_of, packed_spec, placed_spec
 from .state import OptimConfig
 
-__all__ = ["DataConfig", "EmbedderTrainConfig", "EmbedderTrainer", "embed_fn", "make_update", "build_tiny_base",
-           "toy_corpus"]
+__all__ = ["DataConfig", "EmbedderTrainConfig", "EmbedderTrainer", "embed_fn", "make_update"]
 
 
 @dataclasses.dataclass(frozen=True)
