@@ -1,21 +1,27 @@
 """`embedrl <verb> ...`: the command line.
 
 Each verb is one function that adds its sub-parser (and sets `run`), registered in
-`VERBS`; new verbs (train-embedder, sft-reasoner, train-reasoner, encode, generate) are
-added the same way. jax is imported only inside the verbs, so flags that must be set
-before jax starts (XLA_FLAGS, JAX_PLATFORMS) can still be set here or in the environment.
+`VERBS`. The modules that load jax are imported inside the verbs (the one exception to
+imports at module top), so flags that must be set before jax starts (XLA_FLAGS,
+JAX_PLATFORMS) can still be set here or in the environment.
 
-User errors (missing inputs, unsupported models, refusing to overwrite) end with one line
-`embedrl: error: ...` on stderr and exit status 2; progress goes to stderr.
+User errors (`errors.UserError`: an unknown config key, a bad value, a bad record; a missing
+file; refusing to overwrite) end with one line `embedrl: error: ...` on stderr and exit status
+2; anything else is a bug and keeps its traceback. Progress goes to stderr.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Callable
+
+from .config import apply_overrides, load_config, to_dict
+from .errors import MissingFileError, UserError
 
 PROG = "embedrl"
 DTYPES = ("float32", "bfloat16")
@@ -47,7 +53,7 @@ def _mesh_arg(text: str):
     except ValueError:
         dims = []
     if len(dims) != 3:
-        raise ValueError(f"--mesh {text!r}: expected three comma-separated sizes data,fsdp,tensor (e.g. 1,-1,1)")
+        raise UserError(f"--mesh {text!r}: expected three comma-separated sizes data,fsdp,tensor (e.g. 1,-1,1)")
     return MeshConfig(*dims)
 
 
@@ -62,15 +68,25 @@ def _make_mesh(text: str | None):
 def _existing_dir(path: str, flag: str) -> Path:
     p = Path(path)
     if not p.is_dir():
-        raise FileNotFoundError(f"{flag} {path}: no such directory")
+        raise MissingFileError(f"{flag} {path}: no such directory")
     return p
 
 
 def _free_out(path: str, overwrite: bool) -> Path:
     p = Path(path)
     if p.exists() and (not p.is_dir() or any(p.iterdir())) and not overwrite:
-        raise FileExistsError(f"--out {path} exists and is not empty (pass --overwrite to replace it)")
+        raise UserError(f"--out {path} exists and is not empty (pass --overwrite to replace it)")
     return p
+
+
+def _model_config(path: Path, flag: str) -> None:
+    """A directory's config.json names a model we support, else a user error naming it."""
+    from .hf import read_hf_config
+
+    try:
+        read_hf_config(path)
+    except ValueError as e:  # from Qwen3VLConfig.from_hf_dict: the config names another model
+        raise UserError(f"{flag} {path}: {e}") from None
 
 
 def _source_dtype(hf_dir: Path) -> str:
@@ -93,6 +109,7 @@ def convert_hf_to_orbax(args) -> int:
 
     hf_dir = _existing_dir(args.hf, "--hf")
     out = _free_out(args.out, args.overwrite)
+    _model_config(hf_dir, "--hf")
     dtype = _source_dtype(hf_dir) if args.dtype == "auto" else args.dtype
     mesh = _make_mesh(args.mesh)
     with _Timer(f"loading {hf_dir} as {dtype}"):
@@ -109,6 +126,7 @@ def convert_orbax_to_hf(args) -> int:
 
     ckpt = _existing_dir(args.ckpt, "--ckpt")
     out = _free_out(args.out, args.overwrite)
+    _model_config(ckpt, "--ckpt")
     mesh = _make_mesh(args.mesh)
     with _Timer(f"restoring {ckpt}"):
         handle = load_orbax(ckpt, mesh=mesh)
@@ -161,8 +179,6 @@ def add_convert(sub) -> None:
 
 # ------------------------------------------------------------------------ selfcheck
 def run_selfcheck(args) -> int:
-    import os
-
     if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         # a CPU-only machine still gets a real 8-device mesh (no effect on accelerators)
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
@@ -185,18 +201,16 @@ def add_selfcheck(sub) -> None:
     p.set_defaults(run=run_selfcheck)
 
 
-# ------------------------------------------------------------------------ train-embedder
+# ------------------------------------------------------------------------ train verbs
 def _train_config(args, cls):
-    """The verb's config: file or preset, then --steps / --seed, then dotted overrides; echoed."""
-    import json
-
-    from .config import apply_overrides, load_config, to_dict
-
+    """The verb's config: file or preset, then --steps / --seed / --no-export, then dotted overrides; echoed."""
     overrides = list(args.overrides)
     if args.steps is not None:
         overrides.append(f"steps={args.steps}")
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
+    if args.no_export:
+        overrides.append("export=false")
     cfg = apply_overrides(load_config(args.config, cls), overrides)
     _say(f"config: {json.dumps(to_dict(cfg))}")
     return cfg
@@ -204,6 +218,18 @@ def _train_config(args, cls):
 
 def _say_last(last: dict) -> None:
     _say("last step: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in last.items()))
+
+
+def _train(args, trainer, cfg) -> int:
+    """The run every train verb ends with: train (resuming), then export to WORKDIR/export."""
+    where = f" and exporting to {trainer.export_dir}" if cfg.export else ""
+    with _Timer(f"training to step {trainer.total_steps()}{where}"):
+        last = trainer.run()
+    if last:
+        _say_last(last)
+    else:
+        _say(f"{args.workdir} is already trained to step {trainer.total_steps()}")
+    return 0
 
 
 def run_train_embedder(args) -> int:
@@ -214,59 +240,26 @@ def run_train_embedder(args) -> int:
         trainer = EmbedderTrainer(cfg, args.workdir)
     if any(trainer.skipped.values()):
         _say(f"skipped bad records: {trainer.skipped}")
-    with _Timer(f"training to step {cfg.steps}"):
-        last = trainer.run()
-    _say_last(last)
-    if not args.no_export:
-        with _Timer(f"exporting the merged Embedder to {Path(args.workdir) / 'export'}"):
-            trainer.export(Path(args.workdir) / "export", overwrite=True)
-    return 0
+    return _train(args, trainer, cfg)
 
 
-def _add_train_args(p, default_config):
-    p.add_argument("--config", default=default_config, help=f"JSON config file or preset name (default {default_config})")
-    p.add_argument("--workdir", required=True, metavar="DIR", help="checkpoints, metrics.jsonl and exports go here; "
-                   "an existing run in DIR is resumed")
-    p.add_argument("--steps", type=int, help="train until this step")
-    p.add_argument("--seed", type=int, help="random seed (data order, adapters, dropout)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. optim.lr=1e-4")
-
-
-def add_train_embedder(sub) -> None:
-    p = sub.add_parser("train-embedder", help="contrastive (InfoNCE) training of the Embedder",
-                       description="LoRA contrastive training of the Embedder with GradCache InfoNCE on one mesh.")
-    _add_train_args(p, "configs/toy_embedder.json")
-    p.add_argument("--no-export", action="store_true", help="skip writing the merged HF model to WORKDIR/export")
-    p.set_defaults(run=run_train_embedder)
-
-
-# ------------------------------------------------------------------------ train-reasoner
 def run_train_reasoner(args) -> int:
-    from .rl.trainer import ReasonerRLConfig, ReasonerRLTrainer
+    from .sharding import make_mesh
+    from .toy.reasoner import prepare
+    from .train.reasoner import ReasonerRLConfig, ReasonerRLTrainer
 
     cfg = _train_config(args, ReasonerRLConfig)
+    mesh = make_mesh(cfg.mesh)
+    if cfg.toy is not None:
+        with _Timer(f"toy task set-up under {Path(args.workdir) / 'toy'} (toy Embedder, SFT cold start)"):
+            cfg = prepare(cfg, args.workdir, mesh=mesh)
     with _Timer("building policy, reference, Embedder, judge, data and the jitted update"):
-        trainer = ReasonerRLTrainer(cfg, args.workdir)
+        trainer = ReasonerRLTrainer(cfg, args.workdir, mesh=mesh)
     if any(trainer.skipped.values()):
         _say(f"skipped bad records: {trainer.skipped}")
-    with _Timer(f"EG-RL to step {cfg.steps}"):
-        last = trainer.run()
-    _say_last(last)
-    if not args.no_export:
-        with _Timer(f"exporting the Reasoner to {Path(args.workdir) / 'export'}"):
-            trainer.export(Path(args.workdir) / "export", overwrite=True)
-    return 0
+    return _train(args, trainer, cfg)
 
 
-def add_train_reasoner(sub):
-    p = sub.add_parser("train-reasoner", help="EG-RL: GRPO training of the Reasoner with Embedder rewards",
-                       description="GRPO on the Reasoner with rewards from the frozen Embedder (and a judge), one mesh.")
-    _add_train_args(p, "configs/toy_reasoner_rl.json")
-    p.add_argument("--no-export", action="store_true", help="skip writing the trained Reasoner to WORKDIR/export")
-    p.set_defaults(run=run_train_reasoner)
-
-
-# ------------------------------------------------------------------------ sft-reasoner
 def run_sft_reasoner(args) -> int:
     from .train.sft import SFTConfig, SFTTrainer
 
@@ -276,20 +269,38 @@ def run_sft_reasoner(args) -> int:
     _say(f"data: {trainer.report}")
     for example in trainer.report.examples:
         _say(f"skipped: {example}")
-    with _Timer(f"training to step {cfg.steps} and exporting {Path(args.workdir) / 'model'}"):
-        last = trainer.run()
-    if last:
-        _say_last(last)
-    else:
-        _say(f"{args.workdir} is already trained to step {cfg.steps}")
-    return 0
+    return _train(args, trainer, cfg)
+
+
+def _add_train_args(p, default_config, what):
+    p.add_argument("--config", default=default_config, help=f"JSON config file or preset name (default {default_config})")
+    p.add_argument("--workdir", required=True, metavar="DIR", help="checkpoints, metrics.jsonl and exports go here; "
+                   "an existing run in DIR is resumed")
+    p.add_argument("--steps", type=int, help="train until this step")
+    p.add_argument("--seed", type=int, help="random seed (data order, adapters, dropout)")
+    p.add_argument("--no-export", action="store_true", help=f"skip writing the {what} to WORKDIR/export")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. optim.lr=1e-4")
+
+
+def add_train_embedder(sub) -> None:
+    p = sub.add_parser("train-embedder", help="contrastive (InfoNCE) training of the Embedder",
+                       description="LoRA contrastive training of the Embedder with GradCache InfoNCE on one mesh.")
+    _add_train_args(p, "configs/toy_embedder.json", "merged HF Embedder")
+    p.set_defaults(run=run_train_embedder)
+
+
+def add_train_reasoner(sub):
+    p = sub.add_parser("train-reasoner", help="EG-RL: GRPO training of the Reasoner with Embedder rewards",
+                       description="GRPO on the Reasoner with rewards from the frozen Embedder (and a judge), one mesh.")
+    _add_train_args(p, "configs/toy_reasoner_rl.json", "trained Reasoner")
+    p.set_defaults(run=run_train_reasoner)
 
 
 def add_sft_reasoner(sub) -> None:
     p = sub.add_parser("sft-reasoner", help="supervised cold start of the Reasoner on given T-CoTs",
                        description="Supervised fine-tuning (token-mean NLL of the completions) of the Reasoner on "
-                                   "prompt -> T-CoT samples; exports the HF model to WORKDIR/model.")
-    _add_train_args(p, "configs/sft_reasoner_example.json")
+                                   "prompt -> T-CoT samples; exports the HF model to WORKDIR/export.")
+    _add_train_args(p, "configs/sft_reasoner_example.json", "cold-started Reasoner")
     p.set_defaults(run=run_sft_reasoner)
 
 
@@ -311,13 +322,11 @@ def distributed_init(coordinator: str | None = None, num_processes: int | None =
     processes need a cross-process collectives library (gloo), or any computation spanning
     hosts fails; accelerators bring their own.
     """
-    import os
-
     import jax
 
     given = [v is not None for v in (coordinator, num_processes, process_id)]
     if any(given) and not all(given):
-        raise ValueError("--coordinator, --num-processes and --process-id go together")
+        raise UserError("--coordinator, --num-processes and --process-id go together")
     if os.environ.get("JAX_PLATFORMS", "").split(",")[0] == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator, num_processes, process_id)
@@ -346,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.distributed:
             distributed_init(args.coordinator, args.num_processes, args.process_id)
         return int(args.run(args) or 0)
-    except (FileNotFoundError, FileExistsError, ValueError, TypeError, KeyError) as e:
+    except (UserError, FileNotFoundError, FileExistsError) as e:  # a missing file or a refused overwrite too
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -8,7 +8,7 @@ import pytest
 
 from embedrl_jax.data.toy_rl import make_toy_keywords
 from embedrl_jax.prompts import load_prompts
-from embedrl_jax.rl.trainer import GRPOConfig, ReasonerRLConfig, ReasonerRLTrainer, RLDataConfig, RolloutConfig
+from embedrl_jax.train.reasoner import GRPOConfig, ReasonerRLConfig, ReasonerRLTrainer, RLDataConfig, RolloutConfig
 from embedrl_jax.rl.rewards import RewardConfig
 from embedrl_jax.models.qwen3_vl.inputs import Buckets
 from embedrl_jax.sharding import MeshConfig
@@ -46,7 +46,7 @@ def test_first_step_ratio_is_exactly_one(env, tmp_path):
     root, cfg = env
     tr = ReasonerRLTrainer(cfg, tmp_path)
     before = _params(tr)
-    row = tr.step(next(tr._iterator(0)), 0)
+    row = tr.step(next(tr.data_iterator(0)), 0)
     assert row["ratio_mean"] == 1.0 and row["clip_fraction"] == 0.0
     assert row["logprob_gap"] < 1e-4  # the sampler's log-probs are the trainer's
     assert all(np.isfinite(v) for v in row.values() if isinstance(v, float))
@@ -68,7 +68,7 @@ def test_sharded_update_equals_single_device(env, tmp_path):
                                  axis_types=(jax.sharding.AxisType.Auto,) * 3)
     one = ReasonerRLTrainer(cfg, tmp_path / "b", mesh=one_mesh)
     assert len(eight.mesh.devices.flat) == 8
-    records = next(eight._iterator(0))
+    records = next(eight.data_iterator(0))
     records, prompts, batch, _ = eight.rollout_batch(records)
     gen = eight.reasoner.generate(batch, n=2, max_new_tokens=8, temperature=1.0, params=eight.policy_params(),
                                   model_def=eight.mdef, key=jax.random.key(0))
@@ -78,7 +78,7 @@ def test_sharded_update_equals_single_device(env, tmp_path):
     outs = []
     for tr in (eight, one):
         with jax.set_mesh(tr.mesh):
-            tr.state, met = tr._update(tr.state, tr.frozen, tr.ref_params, tr.device_batch(mb))
+            tr.state, met = tr.update(tr.state, tr.frozen, tr.ref_params, tr.device_batch(mb))
         outs.append((jax.tree.map(np.asarray, jax.device_get(tr.state)), jax.device_get(met)))
     # parameters and optimizer moments (the moments hold the gradients of both mini-batches)
     worst = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(outs[0][0]), jax.tree.leaves(outs[1][0])))
@@ -114,7 +114,7 @@ def test_rollouts_end_at_the_stop_string(env, tmp_path):
                                tmp_path / name)
         reward = tr.reward
         tr.reward = lambda records, texts, step: seen.setdefault(name, texts) and reward(records, texts, step)
-        return tr.step(next(tr._iterator(0)), 0)
+        return tr.step(next(tr.data_iterator(0)), 0)
 
     free = step((), "free")
     texts = [t for group in seen["free"] for t in group]
@@ -134,7 +134,7 @@ def test_reference_judge_step(env, tmp_path):
     calls = []
     judge = tr.reward.judge
     tr.reward.judge = lambda prompts: calls.append(len(prompts)) or judge(prompts)
-    row = tr.step(next(tr._iterator(0)), 0)
+    row = tr.step(next(tr.data_iterator(0)), 0)
     assert calls == [2 * 2 * 2]  # one judge call per rollout: 2 pairs x 2 sides x 2 samples
     assert 0.0 <= row["judge/parse_fail"] <= 1.0 and np.isfinite(row["reward/process"])
     assert np.isfinite(row["loss"])
@@ -169,7 +169,7 @@ def test_one_pair_with_equal_rewards_gives_a_finite_loss(env, tmp_path):
                               grpo=GRPOConfig(mini_batches=2, kl_coef=0.01))
     tr = ReasonerRLTrainer(cfg, tmp_path)
     tr.reward.embed = lambda items: np.tile(np.eye(8, dtype=np.float32)[:1], (len(items), 1))
-    row = tr.step(next(tr._iterator(0)), 0)
+    row = tr.step(next(tr.data_iterator(0)), 0)
     assert row["pairs"] == 1
     assert row["adv/zero_variance_groups"] == 1.0
     assert all(np.isfinite(v) for v in row.values() if isinstance(v, float))

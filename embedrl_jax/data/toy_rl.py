@@ -25,6 +25,7 @@ folder and renamed into place.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -34,7 +35,21 @@ import numpy as np
 
 from ..fsutil import replace_dir
 
-__all__ = ["WORDS", "make_toy_keywords", "tcot_for", "QUERY_PREFIX", "POSITIVE_PREFIX"]
+__all__ = ["WORDS", "ToyRLConfig", "make_toy_keywords", "tcot_for", "QUERY_PREFIX", "POSITIVE_PREFIX"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyRLConfig:
+    """The toy task's set-up (`toy.reasoner.prepare`): a toy Embedder and an SFT cold start,
+    built under WORKDIR/toy on first use and reused afterwards."""
+
+    words: int = 2  # content words per side; the cold-started Reasoner names the key 1/words of the time
+    embedder_steps: int = 120
+    embedder_lr: float = 3e-3
+    embedder_batch: int = 32
+    sft_steps: int = 300
+    sft_lr: float = 3e-3
+    sft_batch: int = 32
 
 WORDS = ("apple", "tiger", "river", "stone", "cloud", "horse", "lemon", "piano", "rocket", "candle",
          "forest", "bridge", "castle", "garden", "violin", "turtle", "pepper", "island", "dragon",

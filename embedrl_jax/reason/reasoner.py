@@ -54,6 +54,17 @@ class Reasoner:
         tokenizer = load_tokenizer(path)
         return cls(handle, tokenizer, load_image_processor(path, handle.config), input_config=input_config, **kw)
 
+    def replies(self, texts: Sequence[str], *, batch_size: int | None = None, max_new_tokens: int = 8,
+                params=None, model_def=None) -> list[str]:
+        """One greedy reply per text prompt, `batch_size` prompts at a time (e.g. a judge's verdicts)."""
+        out, size = [], batch_size or len(texts)
+        for i in range(0, len(texts), size):
+            batch = self.prepare([{"text": t} for t in texts[i:i + size]])
+            gen = self.generate(batch, n=1, max_new_tokens=max_new_tokens, temperature=0.0, params=params,
+                                model_def=model_def)
+            out += [t[0] for t in gen.texts]
+        return out
+
     def prepare(self, prompts: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
         """One left-padded batch in transformers' input names (prompt items: text, images, video)."""
         # the builder names the item and field of a bad prompt (a dict passed alone is a TypeError)
