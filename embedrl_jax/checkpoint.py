@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
 from .fsutil import replace_dir, sync_processes
 from .hf import (Qwen3VLHandle, copy_side_files, load_hf, np_dtype, param_shardings, read_hf_config,
@@ -31,8 +32,6 @@ CONFIG_NAME = "config.json"
 
 
 def _checkpointer():
-    import orbax.checkpoint as ocp
-
     return ocp.Checkpointer(ocp.StandardCheckpointHandler())
 
 
@@ -76,8 +75,6 @@ def save_params(directory, params, *, config_json: dict, side_files_from=None, o
 
 
 def _standard_save(params):
-    import orbax.checkpoint as ocp
-
     return ocp.args.StandardSave(params)
 
 
@@ -109,8 +106,6 @@ def restore_params(directory, mdef: ModelDef, mesh, dtype=None):
     """Restore the params under `directory` directly into the shards `param_shardings` gives on
     `mesh` (resharding if the checkpoint was written on another mesh), cast to `dtype` if given.
     """
-    import orbax.checkpoint as ocp
-
     stored = stored_metadata(directory)
     abstract = mdef.abstract_params()
     shardings = param_shardings(mdef, mesh)

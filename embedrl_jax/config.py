@@ -115,7 +115,8 @@ def from_dict(cls: type[T], data: dict, where: str = "", base: T | None = None) 
 
 
 def load_config(path_or_preset: str | Path | dict | None, cls: type[T], preset_dir: Path | None = None) -> T:
-    """A JSON file, a preset name (`<preset_dir>/<name>.json`), a dict, or None for the defaults."""
+    """A JSON file, a preset name (`<preset_dir>/<name>.json`, also written `configs/<name>.json`), a
+    dict, or None for the defaults."""
     if path_or_preset is None:
         return cls()
     if isinstance(path_or_preset, dict):
@@ -123,8 +124,10 @@ def load_config(path_or_preset: str | Path | dict | None, cls: type[T], preset_d
     path = Path(path_or_preset)
     if not path.is_file():
         root = Path(preset_dir) if preset_dir is not None else PRESET_DIR
-        preset = root / (path.name if path.suffix == ".json" else f"{path_or_preset}.json")
-        if path.suffix == ".json" or not preset.is_file():
+        # "configs/<name>.json" (the checkout's layout) names the shipped preset from any directory
+        rel = Path(*path.parts[1:]) if len(path.parts) > 1 and path.parts[0] == "configs" else path
+        preset = root / (rel if rel.suffix == ".json" else Path(f"{rel}.json"))
+        if path.is_absolute() or not preset.is_file():
             known = sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.json")) if root.is_dir() else []
             raise MissingFileError(f"no config file or preset {str(path_or_preset)!r} (presets in {root}: {known})")
         path = preset

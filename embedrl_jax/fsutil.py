@@ -1,10 +1,14 @@
 """Atomic directory publication: everything is written into a temporary sibling first."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
 from pathlib import Path
+
+import jax
+from jax.experimental import multihost_utils
 
 
 def replace_dir(tmp, dest) -> None:
@@ -36,21 +40,13 @@ def write_text_atomic(path, text: str) -> None:
 
 def write_run_config(workdir, config_dict: dict) -> None:
     """WORKDIR/config.json of a run, written by process 0 only (one writer per shared workdir)."""
-    import json
-
-    import jax
-
     if jax.process_index() == 0:
         write_text_atomic(Path(workdir) / "config.json", json.dumps(config_dict, indent=2))
 
 
 def sync_processes(name: str) -> None:
     """A barrier across the processes of a multi-host run (nothing with one process)."""
-    import jax
-
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
@@ -62,8 +58,6 @@ def primary_first(build, name: str):
     per-host directories each host builds its own, deterministic, copy). Process 0 reaches the
     barrier even when its build fails, so the others do not hang; they then fail on their own.
     """
-    import jax
-
     if jax.process_index() == 0:
         try:
             return build()

@@ -297,7 +297,7 @@ def pair_dataset(sources: Sequence[Any], sampler: MixtureSampler, *, process_ind
     ``sampler.sizes[i]``; lists, :func:`~embedrl_jax.data.tfds_builder.array_record_source`, ...).
     ``num_steps=None`` means unbounded (the trainer stops it).
     """
-    import grain
+    import grain  # loaded when an iterator is made: grain costs seconds to import
 
     if len(sources) != sampler.num_datasets:
         raise ValueError(f"{len(sources)} sources for a sampler over {sampler.num_datasets} datasets")

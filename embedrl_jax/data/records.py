@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
+from PIL import Image
 
 from ..errors import UserError
 
@@ -190,8 +191,6 @@ class PairRecord:
 # --------------------------------------------------------------------------------------------
 
 def _to_rgb(img):
-    from PIL import Image
-
     if img.mode == "RGB":
         return img
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
@@ -208,8 +207,6 @@ def load_image(ref) -> "Image.Image":
     ``reason="missing_image"``; an unreadable/corrupt file ``reason="corrupt_image"``; both name the
     path. Arrays must be uint8 (or bool) with 1, 3 or 4 channels, else ``ValueError``.
     """
-    from PIL import Image
-
     if isinstance(ref, Image.Image):
         return _to_rgb(ref)
     if isinstance(ref, np.ndarray):
@@ -245,8 +242,6 @@ def _check_image_file(path: str, mode: str) -> tuple[str, str] | None:
         return "missing_image", f"image file not found: {path}"
     if mode == "exists":
         return None
-    from PIL import Image
-
     try:
         with Image.open(path) as img:
             if mode == "decode":

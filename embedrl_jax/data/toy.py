@@ -34,6 +34,7 @@ import tempfile
 from typing import Any
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 from ..fsutil import replace_dir
 
@@ -74,6 +75,7 @@ REAL_IMAGES: tuple[tuple[str, str, str], ...] = (
 
 def _real_image(spec: str) -> np.ndarray:
     kind, name = spec.split(":", 1)
+    # scikit-image / scikit-learn load only when the toy set is built (heavy imports for every data user)
     if kind == "skimage":
         import skimage.data
 
@@ -96,8 +98,6 @@ def _round32(v: float) -> int:
 
 
 def _resize_real(arr: np.ndarray, longer: int):
-    from PIL import Image
-
     h, w = arr.shape[:2]
     if w >= h:
         size = (longer, _round32(longer * h / w))
@@ -149,8 +149,6 @@ def _sample_scene(rng: np.random.Generator) -> tuple[list[tuple[str, str, str]],
 
 
 def _render_scene(objs, size: int, rng: np.random.Generator):
-    from PIL import Image, ImageDraw
-
     bg = tuple(int(v) for v in rng.integers(225, 256, size=3))
     img = Image.new("RGB", (size, size), bg)
     draw = ImageDraw.Draw(img)
@@ -215,8 +213,6 @@ def _write_json(path: str, obj) -> None:
 
 
 def _build(tmp: str, cfg: dict) -> dict:
-    from PIL import Image, ImageDraw
-
     root_rng = np.random.default_rng(cfg["seed"])
     os.makedirs(os.path.join(tmp, "images"))
     os.makedirs(os.path.join(tmp, "videos"))

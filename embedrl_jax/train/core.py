@@ -249,6 +249,11 @@ class Trainer:
     def abstract_update_args(self, **dims) -> tuple:
         raise NotImplementedError
 
+    def abstract_key(self) -> jax.ShapeDtypeStruct:
+        """A step's PRNG key argument, replicated."""
+        k = jax.eval_shape(lambda: jax.random.key(0))
+        return jax.ShapeDtypeStruct(k.shape, k.dtype, sharding=self.replicated)
+
     def model_params(self):
         """The model's full parameters now (adapters combined with the frozen base)."""
         model = self.state["params"]["model"]

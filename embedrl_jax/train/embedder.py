@@ -244,8 +244,7 @@ class EmbedderTrainer(Trainer):
         c = self.cfg.grad_cache_chunks
         spec = packed_spec(self.mdef.config, pairs // c, seq, vision, lead=(c,))
         side = placed_spec(self.mesh, spec, {k: (None,) + BATCH_AXES[k] for k in spec})
-        key = jax.eval_shape(lambda: jax.random.key(0))
-        return abstract_of(self.frozen), side, side, key
+        return abstract_of(self.frozen), side, side, self.abstract_key()
 
     # -- eval hook
     def embed_items(self, items, batch_size: int = 16) -> np.ndarray:

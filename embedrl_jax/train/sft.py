@@ -282,7 +282,7 @@ class SFTTrainer(Trainer):
         spec = packed_spec(self.mdef.config, samples // m, prompt + completion, vision, lead=(m,))
         spec["mask"] = jax.ShapeDtypeStruct((m, samples // m, completion), np.int32)
         axes = {k: (None,) + (_STACKED_AXES.get(k) or BATCH_AXES[k]) for k in spec}
-        return abstract_of(self.frozen), placed_spec(self.mesh, spec, axes), jax.eval_shape(lambda: jax.random.key(0))
+        return abstract_of(self.frozen), placed_spec(self.mesh, spec, axes), self.abstract_key()
 
 
 def run_sft(cfg: SFTConfig, workdir, *, mesh=None, progress: bool = False) -> Path:

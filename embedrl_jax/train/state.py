@@ -7,6 +7,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,8 +47,6 @@ def init_state(params, optimizer: optax.GradientTransformation) -> dict:
 def state_shardings(state_shapes, params_shapes, param_shardings, mesh):
     """Shardings for a train state: each optimizer moment like its parameter, every other leaf
     (step counters, scalars) replicated, so restores never land on a single device."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
     replicated = NamedSharding(mesh, P())
     by_path = {}
     for (path, shape), (_, sharding) in zip(

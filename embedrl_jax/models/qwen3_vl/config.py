@@ -184,7 +184,7 @@ class Qwen3VLConfig:
 
 def load_preset(name: str) -> Qwen3VLConfig:
     """Presets live in configs/ as HF config.json files (e.g. 'qwen3_vl_2b_instruct')."""
-    root = Path(__file__).resolve().parents[3] / "configs" / "models"
+    root = Path(__file__).resolve().parents[2] / "configs" / "models"  # package data (embedrl_jax/configs)
     path = root / f"{name}.json"
     if not path.exists():
         known = sorted(p.stem for p in root.glob("*.json"))
