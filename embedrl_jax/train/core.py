@@ -8,12 +8,10 @@ its config (a `TrainerConfig` subclass), its data, its step function and its hoo
     evaluate()            -> eval metrics (called every cfg.eval_every steps)
     abstract_update_args(**dims) -> the update's arguments after the state, as ShapeDtypeStructs
 
-The core owns the mesh, the model source (HF directory, orbax directory, the toy base, or
-*abstract*: shapes and shardings only, nothing read or allocated), the trainable/frozen split
-(LoRA adapters, or full fine-tuning with named top-level weights kept frozen), the train state's
-shardings and placement, the optimizer, the one donated jitted update (explicit in/out
-shardings), the run loop (exact resume with the data iterator's state, tqdm, metrics rows, eval
-hook, checkpoint and export cadence) and the merged atomic export to WORKDIR/export.
+The core owns the rest: mesh, model source (HF or orbax directory, toy base, or *abstract*:
+shapes and shardings only), trainable/frozen split, state shardings and placement, optimizer,
+one donated jitted update, run loop (exact resume, tqdm, metrics, eval/checkpoint/export
+cadence) and the merged atomic export to WORKDIR/export.
 
 Built with `abstract=True` a trainer reads no weights and no data; `programs(**dims)` then gives
 its jitted programs with the abstract arguments of one step, so `fn.lower(*args).compile()`
@@ -39,19 +37,18 @@ from ..errors import ConfigError, MissingFileError, UserError
 from ..fsutil import primary_first, write_run_config
 from ..hf import Qwen3VLHandle, param_shardings, read_hf_config, save_hf
 from ..models.qwen3_vl.config import Qwen3VLConfig
-from ..models.qwen3_vl.inputs import Buckets, pack_inputs
+from ..models.qwen3_vl.inputs import Buckets
 from ..models.qwen3_vl.model import init_adapters, model_def
-from ..sharding import MeshConfig, logical_to_spec, make_mesh
+from ..sharding import MeshConfig, make_mesh
 from ..toy.base import tiny_hf_config
 from .checkpoint import TrainCheckpointer, abstract_like
 from .metrics import MetricsWriter
 from .state import init_state, make_optimizer, schedule, state_shardings
 
-__all__ = ["TrainerConfig", "Trainer", "REMAT_POLICIES", "packed_spec", "placed_spec", "abstract_of"]
+__all__ = ["TrainerConfig", "Trainer", "REMAT_POLICIES"]
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "offload")
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
-VISION_KEYS = ("patches", "segment_ids", "pos_idx", "pos_w", "rowcol")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,39 +89,6 @@ class TrainerConfig:
             raise ConfigError(f"epochs must be > 0 or null, got {self.epochs}")
         if self.seed < 0:
             raise ConfigError(f"seed must be >= 0, got {self.seed}")
-
-
-# ------------------------------------------------------------------ abstract arrays
-def abstract_of(tree):
-    """ShapeDtypeStructs (with their shardings) of a tree of arrays or ShapeDtypeStructs."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-
-
-def packed_spec(mcfg: Qwen3VLConfig, rows: int, seq: int, vision: tuple[int, int] | None = None,
-                lead: tuple[int, ...] = ()) -> dict[str, jax.ShapeDtypeStruct]:
-    """Shapes and dtypes of `pack_inputs`' arrays for `rows` samples of `seq` tokens and `vision`
-    = (patch rows, row length), each with leading dims `lead`: read off one tiny packing, so the
-    spec follows whatever the packer emits."""
-    n = mcfg.vision.spatial_merge_size ** 2
-    tiny, _ = pack_inputs(mcfg, np.zeros((1, 8), np.int32), pad_to=8, vision=(1, n) if vision else None,
-                          buckets=Buckets(exact=True))
-    out = {}
-    for k, a in tiny.items():
-        if k == "positions":
-            shape = (a.shape[0], rows, seq)
-        elif k in VISION_KEYS:
-            shape = (vision[0], vision[1]) + a.shape[2:]
-        else:
-            shape = (rows, seq) + a.shape[2:]
-        out[k] = jax.ShapeDtypeStruct(tuple(lead) + shape, a.dtype)
-    return out
-
-
-def placed_spec(mesh, spec: dict[str, jax.ShapeDtypeStruct], axes: dict[str, tuple]) -> dict[str, jax.ShapeDtypeStruct]:
-    """The same ShapeDtypeStructs carrying the shardings the rules table gives their logical axes."""
-    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
-                                    sharding=NamedSharding(mesh, logical_to_spec(axes[k], v.shape, mesh)))
-            for k, v in spec.items()}
 
 
 # ------------------------------------------------------------------ the trainer

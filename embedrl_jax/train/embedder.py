@@ -31,7 +31,8 @@ from ..models.qwen3_vl.inputs import Buckets, host_share, hosts_shape, pack_chun
 from ..models.qwen3_vl.model import model_def
 from ..sharding import global_batch, to_host
 from ..toy.base import build_tiny_base, toy_corpus
-from .core import Trainer, TrainerConfig, abstract_of, packed_spec, placed_spec
+from .abstract import abstract_of, packed_spec, placed_spec
+from .core import Trainer, TrainerConfig
 from .state import OptimConfig
 
 __all__ = ["DataConfig", "EmbedderTrainConfig", "EmbedderTrainer", "embed_fn", "make_update"]

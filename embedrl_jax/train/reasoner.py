@@ -40,7 +40,8 @@ from ..rl.grpo import grpo_loss, lookup
 from ..rl.rewards import RewardConfig
 from ..rl.rollout import EGReward, rollout_prompts
 from ..sharding import logical_to_spec
-from .core import Trainer, TrainerConfig, abstract_of, packed_spec
+from .abstract import abstract_of, packed_spec
+from .core import Trainer, TrainerConfig
 from .state import OptimConfig
 
 __all__ = ["RolloutConfig", "GRPOConfig", "RLDataConfig", "ToyRLConfig", "ReasonerRLConfig", "make_grpo_update",

@@ -34,7 +34,8 @@ from ..reason.reasoner import GENERATE_INPUTS, Reasoner
 from ..reason.sequences import completion_logprobs, pack_prompts, with_completions
 from ..sharding import global_batch
 from ..toy.base import build_tiny_base
-from .core import Trainer, TrainerConfig, abstract_of, packed_spec, placed_spec
+from .abstract import abstract_of, packed_spec, placed_spec
+from .core import Trainer, TrainerConfig
 from .state import OptimConfig
 
 __all__ = ["SFTConfig", "SFTDataConfig", "SFTDataReport", "SFTSample", "SFTTrainer", "SampleOrder",
