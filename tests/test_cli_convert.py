@@ -168,3 +168,25 @@ def test_load_model_reads_either_kind_and_names_a_bad_directory(converted, tmp_p
     with pytest.raises(FileNotFoundError, match=r"reasoner directory .*empty: no config.json .* or params/"):
         (tmp_path / "empty").mkdir()
         checkpoint.load_model(tmp_path / "empty", what="reasoner")
+
+
+def test_cli_user_errors_exit_2_and_bugs_keep_their_traceback(tmp_path, capsys, monkeypatch):
+    """Unknown key, bad value, missing file: one line, status 2. Any other exception is a bug: it propagates."""
+    import embedrl_jax.cli as cli
+
+    work = str(tmp_path / "w")
+    for args, needle in ((["optim.lrr=1"], "optim.lrr"), (["remat=sometimes"], "remat"),
+                         (["--config", str(tmp_path / "none.json")], "none.json"),
+                         (["model=/no/such/model"], "/no/such/model")):
+        assert main(["train-embedder", "--workdir", work, *args]) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("embedrl: error:") and needle in err[-1] and "Traceback" not in "\n".join(err)
+
+    def bug(args):
+        raise KeyError("a bug, not a user error")
+
+    monkeypatch.setattr(cli, "run_train_embedder", bug)
+    with pytest.raises(KeyError, match="a bug"):
+        main(["train-embedder", "--workdir", work])
+    for verb in ("train-embedder", "sft-reasoner", "train-reasoner"):  # every train verb takes --no-export
+        assert cli.build_parser().parse_args([verb, "--workdir", work, "--no-export"]).no_export
