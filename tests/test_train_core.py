@@ -141,3 +141,16 @@ def test_installed_package_finds_presets_from_any_directory(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True, capture_output=True,
                          text=True, timeout=300).stdout.split()
     assert out[0].startswith(str(target)) and out[1:] == ["60", "2048"]
+
+
+def test_epochs_count_passes_over_the_data(tmp_path):
+    from embedrl_jax.train.core import Trainer
+
+    class Toy(Trainer):
+        def steps_per_epoch(self):
+            return 2.5  # e.g. 20 samples in batches of 8
+
+    mesh = make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
+    assert Toy(TrainerConfig(epochs=2.0, steps=99), tmp_path / "a", mesh=mesh).total_steps() == 5
+    assert Toy(TrainerConfig(steps=7), tmp_path / "b", mesh=mesh).total_steps() == 7
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["epochs"] == 2.0

@@ -240,7 +240,9 @@ class Trainer:
         return {}
 
     def total_steps(self) -> int:
-        if self.cfg.epochs is None:
+        """cfg.steps, or with cfg.epochs that many passes over the data (an abstract trainer has no
+        data: cfg.steps)."""
+        if self.cfg.epochs is None or self.abstract:
             return self.cfg.steps
         return max(1, int(np.ceil(self.cfg.epochs * self.steps_per_epoch())))
 

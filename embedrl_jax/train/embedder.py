@@ -158,7 +158,7 @@ class EmbedderTrainer(Trainer):
             shardings["log_scale"] = self.replicated
         if not abstract:
             self._build_data()
-        self.setup_state(trainable, shardings, cfg.steps)
+        self.setup_state(trainable, shardings, self.total_steps())
         frozen_sh = jax.tree.map(lambda x: x.sharding, self.frozen)
         self.jit_update(make_update(mdef, self.optimizer, cfg, self.token_id), (frozen_sh,), batch_args=3)
 

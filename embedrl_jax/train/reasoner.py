@@ -162,7 +162,7 @@ class ReasonerRLTrainer(Trainer):
             handle.params = None
         if not abstract:
             self._build_models()
-        self.setup_state({"model": model}, {"model": model_sh}, cfg.steps * cfg.grpo.mini_batches)
+        self.setup_state({"model": model}, {"model": model_sh}, self.total_steps() * cfg.grpo.mini_batches)
         frozen_sh = jax.tree.map(lambda x: x.sharding, self.frozen)
         ref_sh = jax.tree.map(lambda x: x.sharding, self.ref_params)
         self.jit_update(make_grpo_update(self.mdef, self.ref_mdef, self.optimizer, cfg), (frozen_sh, ref_sh),

@@ -166,7 +166,7 @@ class SFTTrainer(Trainer):
         model, self.frozen, model_sh = self.split_params(self.mdef, handle.params, cfg.lora)
         if cfg.lora is None:
             handle.params = None  # trained from the fp32 copy; nothing reads the initial weights
-        self.setup_state({"model": model}, {"model": model_sh}, self.total_steps() if not abstract else cfg.steps)
+        self.setup_state({"model": model}, {"model": model_sh}, self.total_steps())
         frozen_sh = jax.tree.map(lambda x: x.sharding, self.frozen)
         self.jit_update(make_update(self.mdef, self.optimizer, cfg), (frozen_sh,), batch_args=2)
 
