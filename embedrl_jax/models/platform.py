@@ -1,7 +1,7 @@
 """Per-platform lowering choices, decided from the devices a program is compiled for.
 
 A program compiled on this CPU host for compile-only TPU devices must get the TPU graph, so
-nothing here asks the host (`jax.default_backend()`); the platform comes from the mesh the
+nothing here asks the host for its default backend; the platform comes from the mesh the
 program is traced under (`jax.set_mesh`, the sharding context every trainer and the Reasoner
 use), from an explicit `Target`, or, with no mesh at all, from the default device.
 
