@@ -19,7 +19,9 @@ from .rope import apply_rope, vision_cos_sin
 class VisionBlock(nnx.Module):
     # plain einsums, not `lora.contract`: merging the packed patch rows into matmul rows made the
     # 2x2x2-mesh train step differ from one device (loss 2.066 vs 2.086 in
-    # test_sharded_step_equals_single_device); not yet understood, so the vision tower keeps einsums
+    # test_sharded_step_equals_single_device). Reduced in tests/test_vision_sharding.py (xfail):
+    # the tiny model's forward differs once the patch rows are sharded (rows divisible by the
+    # batch axes) and include padding rows; all-real rows, or rows left replicated, agree.
     CONTRACT_2D = False
     EQS = {
         "q": "rsd,dnh->rnsh", "k": "rsd,dnh->rnsh", "v": "rsd,dnh->rnsh", "o": "rnsh,nhd->rsd",
