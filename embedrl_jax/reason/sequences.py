@@ -14,6 +14,7 @@ from typing import Mapping, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from ..models.logprobs import token_logprobs
 from ..models.qwen3_vl.inputs import Buckets, Shape, batches_shape, pack_inputs
 
 __all__ = ["pack_prompts", "left_pad", "repeat_samples", "with_completions", "completion_logprobs"]
@@ -87,16 +88,14 @@ def with_completions(arrays: Mapping[str, np.ndarray], deltas: np.ndarray, token
 
 
 def completion_logprobs(mdef, params, seq: Mapping[str, jnp.ndarray], n_new: int, *, dtype=jnp.float32,
-                        remat: bool = False, rng=None, chunk_size: int = 4096):
+                        remat: bool | str | None = False, rng=None, chunk_size: int = 4096, target=None):
     """(logp [R, T], entropy [R, T]) fp32 of the last `n_new` tokens of a `with_completions` batch.
 
     One function for the policy, old-policy and reference passes (and SFT): the vocabulary is
     walked in chunks, so the [R, T, V] logits never exist.
     """
-    from ..rl.grpo import token_logprobs
-
     model = mdef.module(params)
-    hidden = model(seq, dtype=dtype, remat=remat, rng=rng)
+    hidden = model(seq, dtype=dtype, remat=remat, rng=rng, target=target)
     length = seq["input_ids"].shape[1]
     start = length - n_new
     h = hidden[:, start - 1:length - 1]

@@ -7,6 +7,7 @@ import numpy as np
 from flax import nnx
 
 from ...lora import LORA_A, LORA_B, adapter_shapes, lora_einsum
+from ..platform import Target, remat_policy
 
 NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -57,21 +58,11 @@ def stacked(n: int, make, rngs: nnx.Rngs):
     return build(rngs)
 
 
-def unroll_layers() -> bool:
-    """Whether layer loops are unrolled: on XLA:CPU, yes; on accelerators, no (a real scan).
-
-    Why: inside a scan XLA:CPU copies each layer's weights out of the stacked arrays, and each
-    layer's saved activations into stacked buffers, at every iteration; unrolled, it reads
-    them in place (the Embedder's train step ran 21 % faster on the 80M benchmark config).
-    Accelerators do not pay this, and a scan keeps their compile time flat in depth.
-    """
-    return jax.default_backend() == "cpu"
-
-
-def scan_layers(layers: nnx.Module, body, carry, xs=None, *, remat: bool = False, unroll: bool | None = None):
+def scan_layers(layers: nnx.Module, body, carry, xs=None, *, target: Target, remat: bool | str | None = False):
     """lax.scan over a stacked module: body(layer_module, carry, x) -> carry.
 
-    `unroll` None follows `unroll_layers()`."""
+    The target decides rolled or unrolled (`Target.unroll_layers`); `remat` is a policy name
+    (`platform.remat_policy`), applied per layer."""
     graphdef, state = nnx.split(layers)
 
     def step(c, inputs):
@@ -79,10 +70,10 @@ def scan_layers(layers: nnx.Module, body, carry, xs=None, *, remat: bool = False
         c = body(nnx.merge(graphdef, layer_state), c, x)
         return c, None
 
-    if remat:
-        step = jax.checkpoint(step, prevent_cse=False)
-    unroll = unroll_layers() if unroll is None else unroll
-    carry, _ = jax.lax.scan(step, carry, (state, xs), unroll=bool(unroll))
+    checkpoint, policy = remat_policy(remat, target)
+    if checkpoint:
+        step = jax.checkpoint(step, prevent_cse=False, policy=policy)
+    carry, _ = jax.lax.scan(step, carry, (state, xs), unroll=target.unroll_layers)
     return carry
 
 
@@ -102,24 +93,13 @@ def layer_norm(x, weight, bias, eps):
     return (y * weight.astype(jnp.float32) + bias.astype(jnp.float32)).astype(dtype)
 
 
-SCORE_BLOCK_BYTES = 8 * 2**20
-
-
-def rows_per_step(rows: int, row_score_bytes: int) -> int:
-    """Batch rows per attention step. On CPU, as many rows as keep the fp32 score block
-    within ~8 MiB (cache-resident; materialising every row's scores at once is about 2x
-    slower for image-sized rows); on accelerators all rows in one batched step."""
-    if jax.default_backend() != "cpu":
-        return rows
-    return int(max(1, min(rows, SCORE_BLOCK_BYTES // max(row_score_bytes, 1))))
-
-
-def attention(q, k, v, q_seg, k_seg, q_idx=None, k_idx=None):
+def attention(q, k, v, q_seg, k_seg, q_idx=None, k_idx=None, *, target: Target):
     """Grouped-query attention, heads-first, with masks built per row from segment ids.
 
     q [B, N, L, H], k/v [B, K, M, H] with N = K * G. A query attends to keys of its own
     segment (k_seg = -1 marks padding keys); with q_idx/k_idx given, only to keys at or
-    before it (causal). Scores and softmax in fp32; returns [B, N, L, H].
+    before it (causal). Scores and softmax in fp32; returns [B, N, L, H]. The target decides
+    how many batch rows go per step (`Target.attention_rows`).
     """
     b, n, length, h = q.shape
     kv = k.shape[1]
@@ -138,4 +118,4 @@ def attention(q, k, v, q_seg, k_seg, q_idx=None, k_idx=None):
         return jnp.einsum("kglm,kmh->kglh", probs, vr).reshape(n, length, h)
 
     xs = (q, k, v, q_seg, k_seg) + ((q_idx, k_idx) if causal else ())
-    return jax.lax.map(one, xs, batch_size=rows_per_step(b, 4 * n * length * k.shape[2]))
+    return jax.lax.map(one, xs, batch_size=target.attention_rows(b, 4 * n * length * k.shape[2]))

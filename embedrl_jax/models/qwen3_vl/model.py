@@ -16,7 +16,9 @@ from flax import nnx
 from ... import lora as lora_lib
 from ...lora import LoraConfig
 from ...sharding import constrain
+from ..platform import Target, resolve
 from .config import Qwen3VLConfig
+from .decode import Decoder
 from .layers import param, rms_norm, scan_layers, stacked
 from .rope import mrope_cos_sin
 from .text import DecoderLayer, causal_mask
@@ -36,18 +38,19 @@ class Qwen3VL(nnx.Module):
         self.lm_head = None if cfg.tie_word_embeddings else param(rngs, (t.hidden_size, t.vocab_size), ("embed", "vocab"))
 
     # ------------------------------------------------------------------ pieces
-    def vision_features(self, batch, dtype, remat=False, rng=None):
+    def vision_features(self, batch, dtype, target: Target, remat=False, rng=None):
         return self.visual(
             batch["patches"], batch["segment_ids"], batch["pos_idx"], batch["pos_w"], batch["rowcol"],
-            dtype=dtype, remat=remat, rng=rng,
+            target=target, dtype=dtype, remat=remat, rng=rng,
         )
 
-    def embed_inputs(self, batch, dtype, remat=False, rng=None):
+    def embed_inputs(self, batch, dtype, target: Target, remat=False, rng=None):
         """Token embeddings with visual features scattered in, plus DeepStack slabs [K, B, L, D]."""
         x = jnp.take(self.embed[...], batch["input_ids"], axis=0).astype(dtype)
         deep = None
         if "patches" in batch:
-            merged, ds = self.vision_features(batch, dtype, remat, None if rng is None else jax.random.fold_in(rng, 1))
+            merged, ds = self.vision_features(batch, dtype, target, remat,
+                                              None if rng is None else jax.random.fold_in(rng, 1))
             index = batch["visual_index"]
             is_visual = (index >= 0)[..., None]
             safe = jnp.maximum(index, 0)
@@ -56,27 +59,41 @@ class Qwen3VL(nnx.Module):
                 deep = jnp.where(is_visual[None], jnp.take(ds, safe, axis=1).astype(dtype), 0)
         return constrain(x, ("batch", "seq", None)), deep
 
-    def decode_layers(self, x, cos, sin, mask, deep, remat=False, rng=None):
-        n_deep = 0 if deep is None else deep.shape[0]
-
-        def body(layer, h, i):
-            h = layer(h, cos, sin, mask, None if rng is None else jax.random.fold_in(rng, i))
-            if n_deep:
-                slab = jax.lax.dynamic_index_in_dim(deep, jnp.minimum(i, n_deep - 1), keepdims=False)
-                h = h + jnp.where(i < n_deep, slab, jnp.zeros_like(slab))
+    @staticmethod
+    def add_deepstack(h, deep, i):
+        """After decoder layer i < K, add DeepStack slab i (at the visual tokens; zero elsewhere)."""
+        if deep is None:
             return h
+        slab = jax.lax.dynamic_index_in_dim(deep, jnp.minimum(i, deep.shape[0] - 1), keepdims=False)
+        return h + jnp.where(i < deep.shape[0], slab, jnp.zeros_like(slab))
 
-        return scan_layers(self.layers, body, x, jnp.arange(self.cfg.text.num_hidden_layers), remat=remat)
+    def decode_layers(self, x, cos, sin, mask, deep, target: Target, remat=False, rng=None):
+        def body(layer, h, i):
+            h = layer(h, cos, sin, mask, None if rng is None else jax.random.fold_in(rng, i), target=target)
+            return self.add_deepstack(h, deep, i)
 
-    def __call__(self, batch, *, dtype=jnp.float32, remat=False, rng=None):
-        """Final-norm hidden states [B, L, D]; `rng` enables LoRA dropout (training)."""
+        return scan_layers(self.layers, body, x, jnp.arange(self.cfg.text.num_hidden_layers),
+                           target=target, remat=remat)
+
+    def rope(self, positions, dtype):
+        """M-RoPE (cos, sin) for positions [3, B, L], in the compute dtype."""
         t = self.cfg.text
-        x, deep = self.embed_inputs(batch, dtype, remat, rng)
-        cos, sin = mrope_cos_sin(batch["positions"], t.head_dim, t.rope_theta, t.mrope_section)
+        cos, sin = mrope_cos_sin(positions, t.head_dim, t.rope_theta, t.mrope_section)
+        return cos.astype(dtype), sin.astype(dtype)
+
+    def final_norm(self, x):
+        return rms_norm(x, self.norm[...], self.cfg.text.rms_norm_eps)
+
+    def __call__(self, batch, *, dtype=jnp.float32, remat=False, rng=None, target: Target | str | None = None):
+        """Final-norm hidden states [B, L, D]; `rng` enables LoRA dropout (training); `target`
+        None follows the mesh in the sharding context (`platform.current_target`)."""
+        target = resolve(target)
+        x, deep = self.embed_inputs(batch, dtype, target, remat, rng)
+        cos, sin = self.rope(batch["positions"], dtype)
         mask = causal_mask(batch["attention_mask"])
         text_rng = None if rng is None else jax.random.fold_in(rng, 2)
-        x = self.decode_layers(x, cos.astype(dtype), sin.astype(dtype), mask, deep, remat, text_rng)
-        return rms_norm(x, self.norm[...], t.rms_norm_eps)
+        x = self.decode_layers(x, cos, sin, mask, deep, target, remat, text_rng)
+        return self.final_norm(x)
 
     def head_kernel(self):
         """[D, V] LM head (the transposed embedding when tied)."""
@@ -103,16 +120,34 @@ class ModelDef:
         nnx.replace_by_pure_dict(state, params)
         return nnx.merge(self.graphdef, state)
 
-    def hidden(self, params: Params, batch, *, dtype=jnp.float32, remat=False, rng=None):
-        return self.module(params)(batch, dtype=dtype, remat=remat, rng=rng)
+    def hidden(self, params: Params, batch, *, dtype=jnp.float32, remat=False, rng=None, target=None):
+        """Final-norm hidden states. `remat`: a `platform.REMAT` name, a bool, or None/"auto" (the
+        target's default); `target` None: the platform of the mesh in the sharding context."""
+        return self.module(params)(batch, dtype=dtype, remat=remat, rng=rng, target=target)
 
-    def logits(self, params: Params, batch, *, dtype=jnp.float32, remat=False):
+    def logits(self, params: Params, batch, *, dtype=jnp.float32, remat=False, target=None):
         model = self.module(params)
-        return model.logits(model(batch, dtype=dtype, remat=remat))
+        return model.logits(model(batch, dtype=dtype, remat=remat, target=target))
 
-    def vision(self, params: Params, batch, *, dtype=jnp.float32):
+    def vision(self, params: Params, batch, *, dtype=jnp.float32, target=None):
         """Vision tower alone: merged tokens [R*S/4, D] and DeepStack features [K, R*S/4, D]."""
-        return self.module(params).vision_features(batch, dtype)
+        return self.module(params).vision_features(batch, dtype, resolve(target))
+
+    def decoder(self, params: Params, *, dtype=jnp.float32, layer_loop: str | None = None, target=None) -> Decoder:
+        """KV-cache decoding for these params (call inside the traced function): `prefill` and
+        `step`; see `decode.Decoder`."""
+        return Decoder(self.module(params), dtype=dtype, layer_loop=layer_loop, target=resolve(target))
+
+    def prefill(self, params: Params, batch, rope_deltas, cache_len: int, *, dtype=jnp.float32,
+                layer_loop: str | None = None, target=None):
+        """(next-token logits [B, V] fp32, cache) for a left-padded prompt batch; pure."""
+        return self.decoder(params, dtype=dtype, layer_loop=layer_loop, target=target).prefill(batch, rope_deltas, cache_len)
+
+    def decode_step(self, params: Params, cache, tokens, *, dtype=jnp.float32, layer_loop: str | None = None,
+                    target=None):
+        """(logits [B, V] fp32, cache) after appending tokens [B]; pure. In a loop, build one
+        `decoder` outside it instead (on CPU it splits the stacked weights once)."""
+        return self.decoder(params, dtype=dtype, layer_loop=layer_loop, target=target).step(cache, tokens)
 
     def abstract_params(self) -> Params:
         return nnx.to_pure_dict(self.abstract_state)

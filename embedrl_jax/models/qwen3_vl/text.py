@@ -64,9 +64,9 @@ class DecoderLayer(nnx.Module):
         y = self._lin("down", jax.nn.silu(self._lin("gate", y, rng)) * self._lin("up", y, rng), rng)
         return constrain(x + y, ("batch", "seq", None))
 
-    def __call__(self, x, cos, sin, mask, rng=None):
+    def __call__(self, x, cos, sin, mask, rng=None, *, target):
         q, k, v = self.project_qkv(x, cos, sin, rng)
-        return self.finish(x, attention(q, k, v, *mask), rng)
+        return self.finish(x, attention(q, k, v, *mask, target=target), rng)
 
 
 def causal_mask(attention_mask):
