@@ -9,6 +9,7 @@ used twice in one spec.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Sequence
 
@@ -149,9 +150,50 @@ def _batch_devices(mesh) -> int:
     return _axis_size(mesh, dict(RULES)["batch"])
 
 
+def mesh_processes(mesh) -> list[int]:
+    """The processes whose devices make up the mesh, in order."""
+    return sorted({int(d.process_index) for d in np.asarray(mesh.devices).flat})
+
+
 def batch_split_per_host(mesh) -> int:
-    """Into how many pieces the batch axes split each process's rows (at least 1)."""
-    return max(1, _batch_devices(mesh) // jax.process_count())
+    """Into how many pieces the batch axes split each process's rows (at least 1): a process's
+    row count must be a multiple of it for the global batch to divide over the batch devices."""
+    size, n = _batch_devices(mesh), len(mesh_processes(mesh))
+    return max(1, size // math.gcd(size, n))
+
+
+def rows_by_process(sharding: NamedSharding, shape: Sequence[int], axis: int = 0) -> dict[int, np.ndarray]:
+    """Which global rows along `axis` each process fills: {process index: its rows, ascending}.
+
+    Host-side and pure: it reads only where the sharding puts each device's index and which
+    process owns the device, so it holds for any device order (TPU torus order, several slices,
+    GPUs) and can be checked against compile-only topologies without running the processes. A
+    process's local rows are its global rows in ascending order. Raises a ValueError when a row
+    sits on devices of two processes (each would have to hold the same data there: the axes
+    that replicate the batch must stay inside a host) or the processes' shares differ in size.
+    """
+    n_rows = int(shape[axis])
+    owner = np.full(n_rows, -1, np.int64)
+    for device, index in sharding.devices_indices_map(tuple(shape)).items():
+        start, stop, _ = index[axis].indices(n_rows)
+        p = int(device.process_index)
+        held = owner[start:stop]
+        other = held[(held >= 0) & (held != p)]
+        if other.size:
+            raise ValueError(f"rows {start}:{stop} of {n_rows} sit on devices of processes {int(other[0])} and {p}; "
+                             f"the mesh axes that replicate this dim ({sharding.spec}) must stay inside one host")
+        held[:] = p
+    shares = {p: np.flatnonzero(owner == p) for p in mesh_processes(sharding.mesh)}
+    sizes = {p: len(r) for p, r in shares.items()}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"processes hold unequal shares of {n_rows} rows ({sizes}) under {sharding.spec}")
+    return shares
+
+
+def batch_rows(mesh, rows: int) -> dict[int, np.ndarray]:
+    """`rows_by_process` for a batch dim of `rows` global rows sharded by the "batch" rule: the
+    rows every batch-major array (samples, patch rows) gives each process."""
+    return rows_by_process(NamedSharding(mesh, logical_to_spec(("batch",), (rows,), mesh)), (rows,))
 
 
 def hosts_max(values: Sequence[int]) -> tuple[int, ...]:
@@ -165,15 +207,19 @@ def hosts_max(values: Sequence[int]) -> tuple[int, ...]:
 
 
 def global_batch(mesh, arrays: dict[str, np.ndarray], axes: dict[str, Sequence[str | None]]) -> dict[str, jax.Array]:
-    """Each process's own rows -> global arrays: the global "batch" dim is the processes' rows
-    concatenated in process order, sharded by the rules table.
+    """Each process's own rows -> global arrays: a process's rows fill, in ascending order, the
+    global rows the mesh assigns to its devices (`batch_rows`), whatever the device order; the
+    global "batch" dim is the processes' row counts summed, sharded by the rules table.
 
     `axes[k]` holds the logical names of `arrays[k]` with exactly one "batch". With several
     processes the batch dim must be sharded across them: were it replicated, each host's
     different rows would be taken for one replicated value (silently wrong data), so that
     raises a ValueError naming the array. One process may replicate an indivisible batch.
+    Indices into another array's rows (the visual index into patch rows) must follow the same
+    assignment: `inputs.host_share` moves them there.
     """
     n = jax.process_count()
+    p = jax.process_index()
     out = {}
     for k, v in arrays.items():
         names = tuple(axes[k])
@@ -185,16 +231,21 @@ def global_batch(mesh, arrays: dict[str, np.ndarray], axes: dict[str, Sequence[s
             size = _batch_devices(mesh)
             raise ValueError(f"{k}: a global batch of {shape[b]} rows ({n} processes x {v.shape[b]}) cannot be split "
                              f"over the mesh's batch axes ({size} devices); make it a multiple of {size}")
+        if spec[b] != logical_to_spec(("batch",), (shape[b],), mesh)[0]:
+            raise ValueError(f"{k}: its batch dim is sharded over {spec[b]}, not as the batch rule gives it; "
+                             "indices between batch-major arrays would not line up")
         sharding = NamedSharding(mesh, spec)
-        if n > 1:
-            # the processes' rows must sit side by side in process order (callers rely on it,
-            # e.g. to offset indices into the concatenated rows)
-            slices = {idx[b].indices(shape[b])[:2] for idx in sharding.addressable_devices_indices_map(tuple(shape)).values()}
-            lo, hi = min(a for a, _ in slices), max(z for _, z in slices)
-            p = jax.process_index()
-            if (lo, hi) != (p * v.shape[b], (p + 1) * v.shape[b]):
-                raise ValueError(f"{k}: process {p} holds batch rows {lo}:{hi} of {shape[b]}, not its own block "
-                                 f"{p * v.shape[b]}:{(p + 1) * v.shape[b]}; lay the mesh out with the processes "
-                                 "along its batch axes (data, fsdp)")
-        out[k] = jax.make_array_from_process_local_data(sharding, v, tuple(shape))
+        rows = rows_by_process(sharding, shape, b)[p]
+        if len(rows) != v.shape[b]:
+            raise ValueError(f"{k}: process {p} fills {len(rows)} of the {shape[b]} global rows but has {v.shape[b]}")
+        out[k] = jax.make_array_from_callback(tuple(shape), sharding, functools.partial(_local_rows, v, rows, b, shape[b]))
     return out
+
+
+def _local_rows(local: np.ndarray, rows: np.ndarray, axis: int, n_global: int, index: tuple) -> np.ndarray:
+    """A device's block of a global array from this process's rows (`rows`: their global rows)."""
+    start, stop, _ = index[axis].indices(n_global)
+    lo = int(np.searchsorted(rows, start))
+    index = list(index)
+    index[axis] = slice(lo, lo + (stop - start))
+    return local[tuple(index)]

@@ -1,4 +1,6 @@
 """One mesh, one rules table: placements, fallbacks, sharded init and the sharded forward."""
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -80,31 +82,145 @@ def test_sharded_forward_equals_single_device(mesh, tmp_path):
     np.testing.assert_allclose(sharded.logits(**inputs), single.logits(**inputs), atol=1e-5, rtol=0)
 
 
-def test_host_shares_join_into_one_batch(tmp_path):
-    """Two hosts' separately packed rows, side by side, embed each sample as if packed alone:
-    `host_share` moves the second host's visual index past the first host's patch rows."""
-    from embedrl_jax.hf import BATCH_AXES
-    from embedrl_jax.models.qwen3_vl.inputs import batches_shape, host_share, pack_chunks
+def _topology(name, num_slices=1):
+    """Compile-only TPU devices (libtpu's topology description; nothing runs on them)."""
+    pytest.importorskip("libtpu")
+    from jax.experimental import topologies
 
+    # compile-only use: several processes (other test runs) may load libtpu at once
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+    kw = {"num_slices": num_slices} if num_slices > 1 else {}
+    return topologies.get_topology_desc(platform="tpu", topology_name=name, **kw).devices
+
+
+def _assemble(mesh, shares, axes):
+    """What `global_batch` builds from every process's rows, as one numpy batch: process p's
+    rows go, in order, to the global rows `batch_rows` gives it."""
+    from embedrl_jax.sharding import batch_rows
+
+    out = {}
+    for k in shares[0]:
+        b = axes[k].index("batch")
+        n = shares[0][k].shape[b]
+        rows = batch_rows(mesh, n * len(shares))
+        shape = list(shares[0][k].shape)
+        shape[b] *= len(shares)
+        out[k] = np.zeros(shape, shares[0][k].dtype)
+        for p, share in enumerate(shares):
+            index = [slice(None)] * len(shape)
+            index[b] = rows[p]
+            out[k][tuple(index)] = share[k]
+    return out
+
+
+def test_host_shares_join_into_one_batch(tmp_path):
+    """Two hosts of a slice whose device order interleaves them (v5p:2x2x2: devices of hosts
+    0, 1, 0, 1, ... along fsdp): their rows, placed where the mesh puts them, embed each sample
+    as if packed alone. `host_share` moves each host's visual index to the global patch rows
+    its own patch rows land on; the old process-order shift would feed samples other images."""
+    from embedrl_jax.hf import BATCH_AXES
+    from embedrl_jax.models.qwen3_vl.inputs import Buckets, host_share, hosts_shape, pack_chunks
+    from embedrl_jax.sharding import batch_rows
+
+    topo_mesh = make_mesh(MeshConfig(1, -1, 1), devices=_topology("v5p:2x2x2"))
+    assert [d.process_index for d in topo_mesh.devices.flat] == [0, 1] * 4
     tiny_hf_model().save_pretrained(tmp_path)
     handle = embedrl_jax.load_hf(tmp_path)
     cfg = handle.model_config
-    a = build_inputs([[4, ("image", real_image("astronaut", (96, 64))), 3]], rng=np.random.default_rng(1))
-    b = build_inputs([[2, ("image", real_image("coffee", (64, 128))), 6]], rng=np.random.default_rng(2))
-    shape = batches_shape(cfg, [a, b])  # what hosts_shape agrees on
-    packed = [pack_chunks(cfg, [x], shape=shape) for x in (a, b)]
+    names = ["astronaut", "coffee", "chelsea", "rocket"]
+    hosts = [build_inputs([[2 + i, ("image", real_image(names[(i + h) % 4], (64, 64 + 32 * ((i + h) % 2)))), 3]
+                           if (i + h) % 3 else [5 + i] for i in range(4)], rng=np.random.default_rng(h))
+             for h in range(2)]
+    shape = hosts_shape(cfg, hosts, Buckets(), topo_mesh)  # one process here: the max over both hosts' batches
+    assert shape[1][0] % 4 == 0  # patch rows split over each host's 4 batch devices
+    packed = [{k: v[0] for k, v in pack_chunks(cfg, [x], shape=shape).items()} for x in hosts]
+    hidden = jax.jit(handle.model_def.hidden)
+    alone = [np.asarray(hidden(handle.params, p)) for p in packed]
+    joined = np.asarray(hidden(handle.params, _assemble(
+        topo_mesh, [host_share(cfg, p, topo_mesh, i) for i, p in enumerate(packed)], BATCH_AXES)))
+    rows = batch_rows(topo_mesh, 8)
+    assert rows[0].tolist() == [0, 2, 4, 6]
+    for h in range(2):
+        np.testing.assert_allclose(joined[rows[h]], alone[h], atol=1e-5, rtol=0)
+    # the process-order shift (host p's patch rows taken as one block after host p-1's) is wrong here
+    unit_rows = shape[1][0] * shape[1][1] // cfg.vision.merge_unit
+    old = [dict(p, visual_index=np.where(p["visual_index"] >= 0, p["visual_index"] + h * unit_rows, -1))
+           for h, p in enumerate(packed)]
+    naive = np.asarray(hidden(handle.params, _assemble(topo_mesh, old, BATCH_AXES)))
+    assert max(np.abs(naive[rows[h]] - alone[h]).max() for h in range(2)) > 1e-2
 
-    def hidden(arrays):
-        return np.asarray(jax.jit(handle.model_def.hidden)(handle.params, {k: v[0] for k, v in arrays.items()}))
 
-    def join(first, second):
-        return {k: np.concatenate([first[k], second[k]], axis=1 + BATCH_AXES[k].index("batch")) for k in first}
+MESHES = [
+    pytest.param("v5p:4x4x4", 1, MeshConfig(1, -1, 1), 64, 16, id="v5p-4x4x4-fsdp"),
+    pytest.param("v5p:4x4x4", 1, MeshConfig(4, -1, 1), 64, 16, id="v5p-4x4x4-data4"),
+    pytest.param("v5e:16x16", 1, MeshConfig(1, -1, 1), 256, 64, id="v5e-16x16-fsdp"),
+    pytest.param("v5e:16x16", 1, MeshConfig(16, -1, 1), 256, 64, id="v5e-16x16-data16"),
+]
 
-    alone = [hidden(p) for p in packed]
-    joined = hidden(join(packed[0], host_share(cfg, packed[1], 1)))
-    np.testing.assert_allclose(joined, np.concatenate(alone), atol=1e-5, rtol=0)
-    naive = hidden(join(*packed))  # without the shift the second sample sees the first one's image
-    assert np.abs(naive[1] - alone[1][0]).max() > 1e-2
+
+@pytest.mark.parametrize("topology,slices,config,chips,hosts", MESHES)
+def test_every_batch_row_is_filled_once_by_the_process_owning_its_device(topology, slices, config, chips, hosts):
+    """Host-side row assignment on real TPU device orders (many hosts): each global row of a
+    batch is filled exactly once, by the process whose device holds it, and each host's local
+    rows fill its global rows in order; the visual index follows its patch rows."""
+    from types import SimpleNamespace
+
+    from embedrl_jax.models.qwen3_vl.inputs import host_share
+    from embedrl_jax.sharding import _batch_devices, batch_rows, batch_split_per_host, rows_by_process
+
+    devices = _topology(topology, slices)
+    mesh = make_mesh(config, devices=devices)
+    assert len(devices) == chips and len({d.process_index for d in devices}) == hosts
+    n_rows = 3 * _batch_devices(mesh)
+    shares = batch_rows(mesh, n_rows)
+    assert sorted(shares) == list(range(hosts))
+    every = np.sort(np.concatenate(list(shares.values())))
+    np.testing.assert_array_equal(every, np.arange(n_rows))  # each row once
+    sharding = jax.sharding.NamedSharding(mesh, logical_to_spec(("batch",), (n_rows,), mesh))
+    for device, (index,) in sharding.devices_indices_map((n_rows,)).items():
+        assert set(range(n_rows)[index]) <= set(shares[device.process_index].tolist()), device
+    assert rows_by_process(sharding, (n_rows, 5), 0).keys() == shares.keys()
+    # the device order does interleave the hosts along the batch: a contiguous-block layout would fail
+    assert any(np.any(np.diff(r) != 1) for r in shares.values())
+
+    # visual index: host p's merged token m (local patch row m // per_row) must point at the
+    # same patch content in the assembled global patch rows
+    unit, per_row = 4, 3
+    cfg = SimpleNamespace(vision=SimpleNamespace(merge_unit=unit))
+    rows = 2 * batch_split_per_host(mesh)
+    rng = np.random.default_rng(0)
+    local = []
+    for p in range(hosts):
+        patches = (p * 1000 + np.arange(rows * per_row * unit, dtype=np.float32)).reshape(rows, per_row * unit, 1)
+        vi = rng.integers(-1, rows * per_row, size=(2 * rows, 7)).astype(np.int32)
+        local.append(dict(patches=patches, visual_index=vi))
+    axes = {"patches": ("batch", None, None), "visual_index": ("batch", None)}
+    glob = _assemble(mesh, [host_share(cfg, a, mesh, p) for p, a in enumerate(local)], axes)
+    merged = glob["patches"].reshape(-1, unit)[:, 0]  # first patch of each merged token
+    rows_of = batch_rows(mesh, 2 * rows * hosts)
+    for p, a in enumerate(local):
+        want = np.where(a["visual_index"] >= 0, a["patches"].reshape(-1, unit)[:, 0][a["visual_index"]], -1)
+        vi = glob["visual_index"][rows_of[p]]
+        np.testing.assert_array_equal(np.where(vi >= 0, merged[vi], -1), want)
+
+
+def test_rows_on_two_hosts_devices_are_refused():
+    """A mesh whose tensor axis spans hosts would need two hosts to hold identical rows. (On
+    v5p:4x4x4, jax.make_mesh lays tensor=4 along a torus axis that crosses hosts.)"""
+    from jax.sharding import Mesh
+
+    from embedrl_jax.sharding import batch_rows
+
+    with pytest.raises(ValueError, match="sit on devices of processes"):
+        batch_rows(make_mesh(MeshConfig(4, -1, 4), devices=_topology("v5p:4x4x4")), 48)
+
+    devices = _topology("v5p:2x2x2")
+    by_host = [[d for d in devices if d.process_index == p] for p in (0, 1)]
+    grid = np.array([[[a, b] for a, b in zip(*by_host)]])  # (1, 4, 2): tensor pairs host 0 with host 1
+    mesh = Mesh(grid, ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+    with pytest.raises(ValueError, match="sit on devices of processes 0 and 1"):
+        batch_rows(mesh, 8)
 
 
 def test_global_batch_refuses_a_batch_it_cannot_split_over_hosts(mesh, monkeypatch):

@@ -286,7 +286,7 @@ class EmbedderTrainer:
         from ..models.qwen3_vl.inputs import host_share
         from ..sharding import global_batch
 
-        arrays = host_share(self.mdef.config, arrays, jax.process_index())
+        arrays = host_share(self.mdef.config, arrays, self.mesh, jax.process_index())
         return global_batch(self.mesh, arrays, {k: (None,) + BATCH_AXES[k] for k in arrays})
 
     # -- eval

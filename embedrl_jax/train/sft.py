@@ -529,7 +529,7 @@ class SFTTrainer:
         from ..models.qwen3_vl.inputs import host_share
         from ..sharding import global_batch
 
-        arrays = host_share(self.mdef.config, arrays, jax.process_index())
+        arrays = host_share(self.mdef.config, arrays, self.mesh, jax.process_index())
         return global_batch(self.mesh, arrays, {k: (None,) + (_STACKED_AXES.get(k) or BATCH_AXES[k]) for k in arrays})
 
     def model_params(self):
