@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -42,32 +43,80 @@ RULES: tuple[tuple[str, Any], ...] = (
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Mesh shape; -1 on one axis takes the remaining devices."""
+    """Mesh shape; -1 on one axis takes the remaining devices.
+
+    With `slices` > 1 (TPU multi-slice, or GPU hosts joined by a slower network) `data`, `fsdp`
+    and `tensor` describe one slice and the data axis is repeated over the slices: data
+    parallelism crosses the data-centre network (one gradient all-reduce per step), while FSDP's
+    all-gathers and tensor parallelism stay on a slice's fast interconnect.
+    """
 
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
+    slices: int = 1
 
-    def shape(self, n_devices: int) -> tuple[int, int, int]:
+    def slice_shape(self, n_devices: int) -> tuple[int, int, int]:
+        """(data, fsdp, tensor) inside one slice of `n_devices / slices` devices."""
+        if self.slices < 1:
+            raise ValueError(f"mesh.slices must be >= 1, got {self.slices}")
+        if n_devices % self.slices:
+            raise ValueError(f"mesh.slices={self.slices} does not divide the {n_devices} devices")
+        n = n_devices // self.slices
         dims = [self.data, self.fsdp, self.tensor]
         if dims.count(-1) > 1:
             raise ValueError(f"at most one mesh axis may be -1, got {dims}")
         known = math.prod(d for d in dims if d != -1)
+        where = f" per slice ({self.slices} slices)" if self.slices > 1 else ""
         if -1 in dims:
-            if n_devices % known:
-                raise ValueError(f"{n_devices} devices do not divide into mesh {dims}")
-            dims[dims.index(-1)] = n_devices // known
-        if math.prod(dims) != n_devices:
-            raise ValueError(f"mesh {dict(zip(MESH_AXES, dims))} needs {math.prod(dims)} devices, have {n_devices}")
+            if n % known:
+                raise ValueError(f"{n} devices{where} do not divide into mesh {dims}")
+            dims[dims.index(-1)] = n // known
+        if math.prod(dims) != n:
+            raise ValueError(f"mesh {dict(zip(MESH_AXES, dims))} needs {math.prod(dims)} devices{where}, have {n}")
         return tuple(dims)
+
+    def shape(self, n_devices: int) -> tuple[int, int, int]:
+        """The whole mesh: the data axis spans the slices."""
+        data, fsdp, tensor = self.slice_shape(n_devices)
+        return data * self.slices, fsdp, tensor
+
+
+def device_slices(devices: Sequence[jax.Device]) -> dict[int, int]:
+    """{slice: device count}: TPU slices by `slice_index`; devices without one (GPUs, CPUs, a
+    single TPU slice) form one slice per process when they span several, else one slice."""
+    ids = [getattr(d, "slice_index", None) for d in devices]
+    if any(i is not None for i in ids):
+        keys = [int(i or 0) for i in ids]
+    else:
+        keys = [int(d.process_index) for d in devices] if len({d.process_index for d in devices}) > 1 else [0] * len(devices)
+    return {k: keys.count(k) for k in sorted(set(keys))}
 
 
 def make_mesh(config: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """The only place a mesh is built: axes (data, fsdp, tensor), all Auto (GSPMD)."""
+    """The only place a mesh is built: axes (data, fsdp, tensor), all Auto (GSPMD).
+
+    `devices` (default: all) may be compile-only devices of a TPU topology. With slices > 1 the
+    mesh is `mesh_utils.create_hybrid_device_mesh`'s: one (data, fsdp, tensor) mesh per slice in
+    the slice's own interconnect order, the slices stacked along data.
+    """
     config = config or MeshConfig()
     devices = list(devices) if devices is not None else jax.devices()
-    shape = config.shape(len(devices))
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    per_slice = config.slice_shape(len(devices))
+    if config.slices == 1:
+        tpu_slices = {getattr(d, "slice_index", None) for d in devices} - {None}
+        if len(tpu_slices) > 1:
+            raise ValueError(f"the {len(devices)} devices form {len(tpu_slices)} TPU slices but mesh.slices=1; "
+                             f"set mesh.slices={len(tpu_slices)}")
+        return jax.make_mesh(per_slice, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    found = device_slices(devices)
+    by_process = not any(getattr(d, "slice_index", None) is not None for d in devices)
+    if len(found) != config.slices:
+        raise ValueError(f"mesh.slices={config.slices} but the {len(devices)} devices form {len(found)} slice(s) "
+                         f"({'one per process' if by_process else 'by slice_index'})")
+    grid = mesh_utils.create_hybrid_device_mesh(per_slice, (config.slices, 1, 1), devices,
+                                                process_is_granule=by_process)
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 
 def _axis_size(mesh, axes) -> int:
@@ -180,8 +229,11 @@ def rows_by_process(sharding: NamedSharding, shape: Sequence[int], axis: int = 0
         held = owner[start:stop]
         other = held[(held >= 0) & (held != p)]
         if other.size:
-            raise ValueError(f"rows {start}:{stop} of {n_rows} sit on devices of processes {int(other[0])} and {p}; "
-                             f"the mesh axes that replicate this dim ({sharding.spec}) must stay inside one host")
+            spread = [a for a in sharding.mesh.axis_names if sharding.mesh.shape[a] > 1
+                      and a not in jax.tree.leaves(tuple(sharding.spec))]
+            raise ValueError(f"rows {start}:{stop} of {n_rows} sit on devices of processes {int(other[0])} and {p}: "
+                             f"this device order lays mesh axes {spread}, which replicate the batch, across hosts, "
+                             "and each host loads different rows; make those axes smaller (at most a host's chips)")
         held[:] = p
     shares = {p: np.flatnonzero(owner == p) for p in mesh_processes(sharding.mesh)}
     sizes = {p: len(r) for p, r in shares.items()}

@@ -19,7 +19,9 @@ devices = jax.devices
 def interleaved(*a):
     ds = sorted(devices(*a), key=lambda d: (d.process_index, d.id))
     by = [[d for d in ds if d.process_index == p] for p in sorted({d.process_index for d in ds})]
-    return [d for i in range(0, len(by[0]), 2) for host in by for d in host[i:i + 2]]
+    out = [d for i in range(0, len(by[0]), 2) for host in by for d in host[i:i + 2]]
+    print("DEVICE ORDER", [d.process_index for d in out], flush=True)
+    return out
 jax.devices = interleaved
 from embedrl_jax.cli import main
 sys.exit(main(sys.argv[1:]))
@@ -46,6 +48,7 @@ def test_two_interleaved_processes_train_like_one(tmp_path):
     for i, (p, out) in enumerate(zip(procs, outs)):
         assert p.returncode == 0, f"process {i} failed:\n{out[-4000:]}"
     assert "process 1 of 2, 8 devices in all" in outs[1]
+    assert "DEVICE ORDER [0, 0, 1, 1, 0, 0, 1, 1]" in outs[0]
     one = [json.loads(line) for line in open(tmp_path / "one" / "metrics.jsonl")]
     two = [json.loads(line) for line in open(tmp_path / "two" / "metrics.jsonl")]
     assert [r["step"] for r in two] == [1]

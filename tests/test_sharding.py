@@ -156,6 +156,8 @@ MESHES = [
     pytest.param("v5p:4x4x4", 1, MeshConfig(4, -1, 1), 64, 16, id="v5p-4x4x4-data4"),
     pytest.param("v5e:16x16", 1, MeshConfig(1, -1, 1), 256, 64, id="v5e-16x16-fsdp"),
     pytest.param("v5e:16x16", 1, MeshConfig(16, -1, 1), 256, 64, id="v5e-16x16-data16"),
+    pytest.param("v5p:2x4x4", 2, MeshConfig(1, -1, 1, slices=2), 64, 16, id="2-slices-v5p-2x4x4-fsdp"),
+    pytest.param("v5p:2x4x4", 2, MeshConfig(1, -1, 2, slices=2), 64, 16, id="2-slices-v5p-2x4x4-tensor2"),
 ]
 
 
@@ -230,3 +232,41 @@ def test_global_batch_refuses_a_batch_it_cannot_split_over_hosts(mesh, monkeypat
     arrays = {"input_ids": np.zeros((1, 8), np.int32)}  # 2 rows in all, over 4 batch devices
     with pytest.raises(ValueError, match="input_ids: a global batch of 2 rows"):
         global_batch(mesh, arrays, {"input_ids": ("batch", None)})
+
+
+def test_two_slice_mesh_keeps_fsdp_and_tensor_inside_a_slice():
+    """slices=2 over two v5p:2x4x4 slices (compile-only): data crosses the slices, fsdp and
+    tensor never do; counts that do not match the devices name both numbers."""
+    devices = _topology("v5p:2x4x4", num_slices=2)
+    mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1, slices=2), devices=devices)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 32, "tensor": 1}
+    assert all(t == AxisType.Auto for t in mesh.axis_types)
+    grid = np.vectorize(lambda d: d.slice_index)(mesh.devices)
+    assert (grid[0] == 0).all() and (grid[1] == 1).all()
+    mesh = make_mesh(MeshConfig(data=2, fsdp=-1, tensor=4, slices=2), devices=devices)
+    assert dict(mesh.shape) == {"data": 4, "fsdp": 4, "tensor": 4}
+    grid = np.vectorize(lambda d: d.slice_index)(mesh.devices)
+    assert (grid[:2] == 0).all() and (grid[2:] == 1).all()
+    assert logical_to_spec(("batch", "embed"), (64, 256), mesh) == P(("data", "fsdp"), None)
+    assert logical_to_spec(("embed", "mlp"), (256, 512), mesh) == P("fsdp", "tensor")  # weights inside a slice
+    with pytest.raises(ValueError, match="mesh.slices=4 but the 64 devices form 2 slice"):
+        make_mesh(MeshConfig(slices=4), devices=devices)
+    with pytest.raises(ValueError, match="64 devices form 2 TPU slices but mesh.slices=1"):
+        make_mesh(MeshConfig(), devices=devices)
+    with pytest.raises(ValueError, match="mesh.slices=3 does not divide the 64 devices"):
+        make_mesh(MeshConfig(slices=3), devices=devices)
+    with pytest.raises(ValueError, match="needs 64 devices per slice .2 slices., have 32"):
+        make_mesh(MeshConfig(data=4, fsdp=16, slices=2), devices=devices)
+
+
+def test_two_slice_batch_rows_are_filled_once_by_their_hosts():
+    from embedrl_jax.sharding import batch_rows
+
+    devices = _topology("v5p:2x4x4", num_slices=2)
+    mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1, slices=2), devices=devices)
+    shares = batch_rows(mesh, 128)
+    assert len(shares) == 16
+    np.testing.assert_array_equal(np.sort(np.concatenate(list(shares.values()))), np.arange(128))
+    slice_of = {d.process_index: d.slice_index for d in devices}
+    for p, rows in shares.items():  # slice 0's hosts fill the first half of the batch
+        assert ((rows < 64) == (slice_of[p] == 0)).all()
