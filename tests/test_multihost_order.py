@@ -10,19 +10,22 @@ import pytest
 from embedrl_jax.cli import main
 from test_multihost import RUN, _free_port, _same_exports
 
-# Every process sees jax.devices() as [p0 d0, p0 d1, p1 d0, p1 d1, p0 d2, p0 d3, p1 d2, p1 d3], so
-# the (data=2, fsdp=2, tensor=2) mesh gives process 0 batch blocks 0 and 2, process 1 blocks 1
-# and 3 (tensor pairs stay inside a process).
+# The project's meshes (sharding.make_mesh without explicit devices) take the devices in the order
+# [p0 d0, p0 d1, p1 d0, p1 d1, p0 d2, p0 d3, p1 d2, p1 d3], so the (data=2, fsdp=2, tensor=2) mesh
+# gives process 0 batch blocks 0 and 2, process 1 blocks 1 and 3 (tensor pairs stay inside a
+# process). jax.devices() itself is left alone: jax's own multihost helpers build meshes from it.
 INTERLEAVED_MAIN = """
 import sys, jax
-devices = jax.devices
-def interleaved(*a):
-    ds = sorted(devices(*a), key=lambda d: (d.process_index, d.id))
-    by = [[d for d in ds if d.process_index == p] for p in sorted({d.process_index for d in ds})]
-    out = [d for i in range(0, len(by[0]), 2) for host in by for d in host[i:i + 2]]
-    print("DEVICE ORDER", [d.process_index for d in out], flush=True)
-    return out
-jax.devices = interleaved
+from embedrl_jax import sharding
+make_mesh = sharding.make_mesh
+def interleaved_mesh(config=None, devices=None):
+    if devices is None:
+        ds = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+        by = [[d for d in ds if d.process_index == p] for p in sorted({d.process_index for d in ds})]
+        devices = [d for i in range(0, len(by[0]), 2) for host in by for d in host[i:i + 2]]
+        print("DEVICE ORDER", [d.process_index for d in devices], flush=True)
+    return make_mesh(config, devices)
+sharding.make_mesh = interleaved_mesh
 from embedrl_jax.cli import main
 sys.exit(main(sys.argv[1:]))
 """
