@@ -45,7 +45,8 @@ def cluster_kwargs(env: Mapping[str, str], coordinator: str | None = None, num_p
         raise ValueError("--coordinator, --num-processes and --process-id go together")
     if all(given):
         if not 0 <= process_id < num_processes:
-            raise ValueError(f"--process-id {process_id} is outside 0..{num_processes - 1} (--num-processes {num_processes})")
+            raise ValueError(f"--process-id {process_id} is outside 0..{num_processes - 1} "
+                             f"(--num-processes {num_processes})")
         kwargs = dict(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
         ids = _explicit_ids(env)
         return Cluster("explicit", kwargs if ids is None else dict(kwargs, local_device_ids=ids))
@@ -64,7 +65,8 @@ def _slurm(env: Mapping[str, str]) -> dict[str, Any]:
     port = env.get("JAX_COORDINATOR_PORT") or str(60000 + int(env["SLURM_JOB_ID"]) % 5000)
     address = env.get("JAX_COORDINATOR_ADDRESS") or f"{first_host(nodes)}:{port}"
     per_node = _tasks_on_node(env)
-    kwargs = dict(coordinator_address=address, num_processes=int(env["SLURM_NTASKS"]), process_id=int(env["SLURM_PROCID"]))
+    kwargs = dict(coordinator_address=address, num_processes=int(env["SLURM_NTASKS"]),
+                  process_id=int(env["SLURM_PROCID"]))
     ids = local_device_ids(env, int(env["SLURM_LOCALID"]), per_node)
     return kwargs if ids is None else dict(kwargs, local_device_ids=ids)
 

@@ -89,7 +89,8 @@ def device_slices(devices: Sequence[jax.Device]) -> dict[int, int]:
     if any(i is not None for i in ids):
         keys = [int(i or 0) for i in ids]
     else:
-        keys = [int(d.process_index) for d in devices] if len({d.process_index for d in devices}) > 1 else [0] * len(devices)
+        several = len({d.process_index for d in devices}) > 1
+        keys = [int(d.process_index) if several else 0 for d in devices]
     return {k: keys.count(k) for k in sorted(set(keys))}
 
 
@@ -290,7 +291,8 @@ def global_batch(mesh, arrays: dict[str, np.ndarray], axes: dict[str, Sequence[s
         rows = rows_by_process(sharding, shape, b)[p]
         if len(rows) != v.shape[b]:
             raise ValueError(f"{k}: process {p} fills {len(rows)} of the {shape[b]} global rows but has {v.shape[b]}")
-        out[k] = jax.make_array_from_callback(tuple(shape), sharding, functools.partial(_local_rows, v, rows, b, shape[b]))
+        fill = functools.partial(_local_rows, v, rows, b, shape[b])
+        out[k] = jax.make_array_from_callback(tuple(shape), sharding, fill)
     return out
 
 

@@ -53,7 +53,8 @@ def test_slurm_overrides_and_cpu_nodes():
     with pytest.raises(ValueError, match="SLURM_STEP_NODELIST"):
         cluster_kwargs(slurm_env(SLURM_STEP_NODELIST=None, SLURM_JOB_NODELIST=None))
     # uneven nodes: this node's entry of '3(x2),2'
-    env = slurm_env(SLURM_STEP_TASKS_PER_NODE="3(x2),2", SLURM_NODEID="2", SLURM_LOCALID="1", CUDA_VISIBLE_DEVICES="0,1,2,3")
+    env = slurm_env(SLURM_STEP_TASKS_PER_NODE="3(x2),2", SLURM_NODEID="2", SLURM_LOCALID="1",
+                    CUDA_VISIBLE_DEVICES="0,1,2,3")
     assert cluster_kwargs(env).kwargs["local_device_ids"] == [2, 3]
 
 

@@ -39,8 +39,9 @@ def test_two_interleaved_processes_train_like_one(tmp_path):
                JAX_DEFAULT_MATMUL_PRECISION="highest")
     cmd = [sys.executable, "-c", INTERLEAVED_MAIN, "--distributed", "--coordinator", f"127.0.0.1:{port}",
            "--num-processes", "2"]
-    procs = [subprocess.Popen(cmd + ["--process-id", str(i), "train-embedder", "--workdir", str(tmp_path / "two"), *RUN],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    verb = ["train-embedder", "--workdir", str(tmp_path / "two"), *RUN]
+    procs = [subprocess.Popen(cmd + ["--process-id", str(i), *verb], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
     outs = []
     try:
         for p in procs:

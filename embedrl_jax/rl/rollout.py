@@ -112,7 +112,8 @@ class EGReward:
         is_query = prompt_of % 2 == 0
         pair = (prompt_of // 2).astype(np.int32)
         q_rows, p_rows = rows[is_query], rows[~is_query]
-        terms = _outcome_terms(emb[q_rows], emb[p_rows], pair[q_rows], pair[p_rows], temperature=float(cfg.neg_temperature))
+        terms = _outcome_terms(emb[q_rows], emb[p_rows], pair[q_rows], pair[p_rows],
+                               temperature=float(cfg.neg_temperature))
         q_outcome, p_outcome = terms.reward(cfg.acc_w)
         sim = np.asarray(terms.sim)
         acc, margin, outcome = (np.zeros(len(rows), np.float32) for _ in range(3))
