@@ -206,10 +206,19 @@ def mesh_processes(mesh) -> list[int]:
 
 
 def batch_split_per_host(mesh) -> int:
-    """Into how many pieces the batch axes split each process's rows (at least 1): a process's
+    """Into how many pieces the batch axes split each data shard's rows (at least 1): a shard's
     row count must be a multiple of it for the global batch to divide over the batch devices."""
-    size, n = _batch_devices(mesh), len(mesh_processes(mesh))
+    size, n = _batch_devices(mesh), len(set(_data_shards(mesh).values()))
     return max(1, size // math.gcd(size, n))
+
+
+def _row_owners(sharding: NamedSharding, shape: Sequence[int], axis: int) -> dict[int, np.ndarray]:
+    """{process: the global rows along `axis` its devices hold, ascending} (a row may be held by several)."""
+    n_rows = int(shape[axis])
+    held: dict[int, np.ndarray] = {p: np.zeros(n_rows, bool) for p in mesh_processes(sharding.mesh)}
+    for device, index in sharding.devices_indices_map(tuple(shape)).items():
+        held[int(device.process_index)][index[axis]] = True
+    return {p: np.flatnonzero(h) for p, h in held.items()}
 
 
 def rows_by_process(sharding: NamedSharding, shape: Sequence[int], axis: int = 0) -> dict[int, np.ndarray]:
@@ -218,35 +227,65 @@ def rows_by_process(sharding: NamedSharding, shape: Sequence[int], axis: int = 0
     Host-side and pure: it reads only where the sharding puts each device's index and which
     process owns the device, so it holds for any device order (TPU torus order, several slices,
     GPUs) and can be checked against compile-only topologies without running the processes. A
-    process's local rows are its global rows in ascending order. Raises a ValueError when a row
-    sits on devices of two processes (each would have to hold the same data there: the axes
-    that replicate the batch must stay inside a host) or the processes' shares differ in size.
+    process's local rows are its global rows in ascending order.
+
+    A row may sit on devices of several processes: `jax.make_mesh` lays `tensor=4` across two
+    hosts of a v5p or v5e slice, and no host order keeps `tensor=8` inside a 4-chip host. Those
+    processes then form one data shard (`data_shard`): they hold the same rows and load the same
+    samples. Raises a ValueError when two processes' rows overlap without being equal (no split
+    of the samples gives both identical data) or the shards differ in size.
     """
-    n_rows = int(shape[axis])
-    owner = np.full(n_rows, -1, np.int64)
-    for device, index in sharding.devices_indices_map(tuple(shape)).items():
-        start, stop, _ = index[axis].indices(n_rows)
-        p = int(device.process_index)
-        held = owner[start:stop]
-        other = held[(held >= 0) & (held != p)]
-        if other.size:
-            spread = [a for a in sharding.mesh.axis_names if sharding.mesh.shape[a] > 1
-                      and a not in jax.tree.leaves(tuple(sharding.spec))]
-            raise ValueError(f"rows {start}:{stop} of {n_rows} sit on devices of processes {int(other[0])} and {p}: "
-                             f"this device order lays mesh axes {spread}, which replicate the batch, across hosts, "
-                             "and each host loads different rows; make those axes smaller (at most a host's chips)")
-        held[:] = p
-    shares = {p: np.flatnonzero(owner == p) for p in mesh_processes(sharding.mesh)}
-    sizes = {p: len(r) for p, r in shares.items()}
+    owners = _row_owners(sharding, shape, axis)
+    shards: dict[tuple[int, ...], list[int]] = {}
+    for p, rows in owners.items():
+        shards.setdefault(tuple(rows.tolist()), []).append(p)
+    seen = np.full(int(shape[axis]), -1, np.int64)
+    for rows, procs in shards.items():
+        clash = seen[list(rows)]
+        clash = clash[clash >= 0]
+        if clash.size:
+            other = int(clash[0])
+            raise ValueError(f"processes {other} and {procs[0]} share some rows of {shape[axis]} but not all "
+                             f"({owners[other].tolist()} vs {list(rows)}) under {sharding.spec}: no split of the "
+                             "samples gives both identical data there; use a mesh whose batch-replicating axes "
+                             "(tensor) cover whole hosts or stay inside one")
+        seen[list(rows)] = procs[0]
+    sizes = {procs[0]: len(rows) for rows, procs in shards.items()}
     if len(set(sizes.values())) > 1:
-        raise ValueError(f"processes hold unequal shares of {n_rows} rows ({sizes}) under {sharding.spec}")
-    return shares
+        raise ValueError(f"data shards hold unequal shares of {shape[axis]} rows ({sizes}, by first process) "
+                         f"under {sharding.spec}")
+    return owners
 
 
 def batch_rows(mesh, rows: int) -> dict[int, np.ndarray]:
     """`rows_by_process` for a batch dim of `rows` global rows sharded by the "batch" rule: the
     rows every batch-major array (samples, patch rows) gives each process."""
     return rows_by_process(NamedSharding(mesh, logical_to_spec(("batch",), (rows,), mesh)), (rows,))
+
+
+def _data_shards(mesh) -> dict[int, int]:
+    """{process: its data shard}: processes holding the same batch rows share one, numbered by
+    their lowest process index."""
+    owners = batch_rows(mesh, max(1, _batch_devices(mesh)))  # one row per batch position
+    index: dict[tuple[int, ...], int] = {}
+    return {p: index.setdefault(tuple(rows.tolist()), len(index)) for p, rows in sorted(owners.items())}
+
+
+def data_shard(mesh, process_index: int | None = None) -> tuple[int, int]:
+    """(shard index, shard count) of a process's data: which share of a step's samples it loads.
+
+    The trainers split each step's samples into `count` equal contiguous shares and give share
+    `index` to the process -- use this, not (process_index, process_count). The processes whose
+    devices hold the same batch rows (a tensor axis laid across hosts) form one shard and load
+    identical samples, since each must fill those rows with the same data; when every process
+    holds rows of its own this is (process_index, process_count) up to order. Shards are
+    numbered by their lowest process index. Pure given `process_index` (default: this process).
+    """
+    p = jax.process_index() if process_index is None else int(process_index)
+    shards = _data_shards(mesh)
+    if p not in shards:
+        raise ValueError(f"process {p} owns no device of this mesh (its processes: {sorted(shards)})")
+    return shards[p], len(set(shards.values()))
 
 
 def hosts_max(values: Sequence[int]) -> tuple[int, ...]:
@@ -262,17 +301,19 @@ def hosts_max(values: Sequence[int]) -> tuple[int, ...]:
 def global_batch(mesh, arrays: dict[str, np.ndarray], axes: dict[str, Sequence[str | None]]) -> dict[str, jax.Array]:
     """Each process's own rows -> global arrays: a process's rows fill, in ascending order, the
     global rows the mesh assigns to its devices (`batch_rows`), whatever the device order; the
-    global "batch" dim is the processes' row counts summed, sharded by the rules table.
+    global "batch" dim is the data shards' row counts summed (`data_shard`: processes whose
+    devices hold the same rows form one shard and must pass identical rows), sharded by the
+    rules table.
 
     `axes[k]` holds the logical names of `arrays[k]` with exactly one "batch". With several
-    processes the batch dim must be sharded across them: were it replicated, each host's
+    shards the batch dim must be sharded across them: were it replicated, each shard's
     different rows would be taken for one replicated value (silently wrong data), so that
-    raises a ValueError naming the array. One process may replicate an indivisible batch.
+    raises a ValueError naming the array. One shard may replicate an indivisible batch.
     Indices into another array's rows (the visual index into patch rows) must follow the same
     assignment: `inputs.host_share` moves them there.
     """
-    n = jax.process_count()
     p = jax.process_index()
+    n = data_shard(mesh, p)[1]
     out = {}
     for k, v in arrays.items():
         names = tuple(axes[k])
@@ -282,7 +323,7 @@ def global_batch(mesh, arrays: dict[str, np.ndarray], axes: dict[str, Sequence[s
         spec = logical_to_spec(names, shape, mesh)
         if n > 1 and spec[b] is None:
             size = _batch_devices(mesh)
-            raise ValueError(f"{k}: a global batch of {shape[b]} rows ({n} processes x {v.shape[b]}) cannot be split "
+            raise ValueError(f"{k}: a global batch of {shape[b]} rows ({n} data shards x {v.shape[b]}) cannot be split "
                              f"over the mesh's batch axes ({size} devices); make it a multiple of {size}")
         if spec[b] != logical_to_spec(("batch",), (shape[b],), mesh)[0]:
             raise ValueError(f"{k}: its batch dim is sharded over {spec[b]}, not as the batch rule gives it; "

@@ -144,8 +144,8 @@ def batches_shape(cfg: Qwen3VLConfig, batches: list[dict], buckets: Buckets = Bu
 
 def hosts_shape(cfg: Qwen3VLConfig, batches: list[dict], buckets: Buckets, mesh) -> Shape:
     """The one shape every host packs its share of a global batch to: the smallest holding
-    every host's `batches`, with patch rows a multiple of the per-host batch split (the hosts'
-    patch rows are split over the batch devices like samples are). Every process calls it (a
+    every host's `batches`, with patch rows a multiple of the per-shard batch split (each data
+    shard's patch rows are split over its batch devices like samples are). Every process calls it (a
     collective); with one process it is `batches_shape` with rows rounded up."""
     from ...sharding import batch_split_per_host, hosts_max
 
@@ -171,16 +171,18 @@ def host_share(cfg: Qwen3VLConfig, arrays: dict[str, np.ndarray], mesh, process_
     The hosts' patch rows become one global array whose rows the mesh hands out to the hosts'
     devices in its own order (`sharding.batch_rows`), so `visual_index` (into the merged tokens
     of this host's patch rows) is moved to the global patch row each local row lands on. Every
-    host must pack the same vision shape (the global arrays need it anyway). Pure: given any
+    host must pack the same vision shape (the global arrays need it anyway); hosts of one data
+    shard (`sharding.data_shard`) pack the same samples and get the same global rows. Pure: given any
     `process_index`, the assignment can be checked for every host without running it.
     """
-    from ...sharding import batch_rows, mesh_processes
+    from ...sharding import batch_rows, data_shard
 
     if "patches" not in arrays:
         return arrays
     rows, row_len = arrays["patches"].shape[-3:-1]
     per_row = row_len // cfg.vision.merge_unit
-    owned = batch_rows(mesh, rows * len(mesh_processes(mesh)))[process_index]  # global row of each local row
+    shards = data_shard(mesh, process_index)[1]
+    owned = batch_rows(mesh, rows * shards)[process_index]  # global row of each local row
     vi = arrays["visual_index"]
     safe = np.maximum(vi, 0)
     moved = owned[safe // per_row] * per_row + safe % per_row
