@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import zlib
 from typing import Any, Sequence
 
 import jax
@@ -314,6 +315,7 @@ def global_batch(mesh, arrays: dict[str, np.ndarray], axes: dict[str, Sequence[s
     """
     p = jax.process_index()
     n = data_shard(mesh, p)[1]
+    _check_shard_data(mesh, arrays)
     out = {}
     for k, v in arrays.items():
         names = tuple(axes[k])
@@ -335,6 +337,32 @@ def global_batch(mesh, arrays: dict[str, np.ndarray], axes: dict[str, Sequence[s
         fill = functools.partial(_local_rows, v, rows, b, shape[b])
         out[k] = jax.make_array_from_callback(tuple(shape), sharding, fill)
     return out
+
+
+def _check_shard_data(mesh, arrays: dict[str, np.ndarray]) -> None:
+    """Processes of one data shard fill the same rows, so they must pass the same data; a trainer
+    that splits samples by process index instead of `data_shard` would give the replicas of a
+    row different samples (silently). Compares a strided fingerprint of every array (one small
+    all-gather, only when some shard has several processes)."""
+    shards = _data_shards(mesh)
+    if len(set(shards.values())) == len(shards):
+        return
+    from jax.experimental import multihost_utils
+
+    keys = sorted(arrays)
+    mine = []
+    for k in keys:
+        flat = np.ascontiguousarray(arrays[k]).reshape(-1)
+        mine.append(zlib.crc32(np.ascontiguousarray(flat[::max(1, flat.size // 65536)]).tobytes()) & 0x7FFFFFFF)
+    every = np.asarray(multihost_utils.process_allgather(np.asarray(mine, np.int32))).reshape(jax.process_count(), -1)
+    first: dict[int, int] = {}
+    for q, i in sorted(shards.items()):
+        lead = first.setdefault(i, q)
+        bad = [k for k, a, b in zip(keys, every[lead], every[q]) if a != b]
+        if bad:
+            raise ValueError(f"processes {lead} and {q} hold the same batch rows (data shard {i}) but passed different "
+                             f"{bad}: each process must load the share sharding.data_shard(mesh) gives it, "
+                             "not its process_index's")
 
 
 def _local_rows(local: np.ndarray, rows: np.ndarray, axis: int, n_global: int, index: tuple) -> np.ndarray:

@@ -87,6 +87,10 @@ for s in x.addressable_shards:  # each device holds its rows of the step
 total = jax.jit(lambda a: (a * a).sum(axis=1), out_shardings=NamedSharding(mesh, P()))(x)
 np.testing.assert_array_equal(to_host(total), (samples * samples).sum(axis=1))
 print("SHARED ROWS OK", jax.process_index(), flush=True)
+try:  # splitting the step by process index gives the two replicas of each row different samples
+    global_batch(mesh, {"x": samples[jax.process_index() * 4:][:4]}, {"x": ("batch", None)})
+except ValueError as e:
+    print("REFUSED", e, flush=True)
 """
 
 
@@ -105,3 +109,4 @@ def test_two_processes_sharing_every_row_load_the_same_samples():
     for i, (p, out) in enumerate(zip(procs, outs)):
         assert p.returncode == 0, f"process {i} failed:\n{out[-4000:]}"
         assert f"SHARD {i} 0 1" in out and f"SHARED ROWS OK {i}" in out
+        assert "REFUSED processes 0 and 1 hold the same batch rows (data shard 0) but passed different ['x']" in out
