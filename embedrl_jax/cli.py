@@ -314,30 +314,11 @@ VERBS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
 }
 
 
-def distributed_init(coordinator: str | None = None, num_processes: int | None = None,
-                     process_id: int | None = None) -> None:
-    """jax.distributed.initialize, before anything touches a backend.
-
-    Without arguments the cluster is auto-detected (TPU pods, SLURM, Open MPI). On CPU the
-    processes need a cross-process collectives library (gloo), or any computation spanning
-    hosts fails; accelerators bring their own.
-    """
-    import jax
-
-    given = [v is not None for v in (coordinator, num_processes, process_id)]
-    if any(given) and not all(given):
-        raise UserError("--coordinator, --num-processes and --process-id go together")
-    if os.environ.get("JAX_PLATFORMS", "").split(",")[0] == "cpu":
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator, num_processes, process_id)
-    _say(f"process {jax.process_index()} of {jax.process_count()}, {jax.device_count()} devices in all")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Embed-RL in JAX: reasoning-driven multimodal embeddings.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     parser.add_argument("--distributed", action="store_true",
-                        help="multi-host run: call jax.distributed.initialize() first (TPU pods, SLURM; see launch/)")
+                        help="multi-host run: join it first (TPU pods, SLURM, Open MPI detected; see launch/)")
     parser.add_argument("--coordinator", metavar="HOST:PORT", default=None,
                         help="with --distributed where the cluster is not auto-detected: process 0's address")
     parser.add_argument("--num-processes", type=int, default=None, help="with --coordinator: how many processes")
@@ -353,7 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format=f"{PROG}: %(message)s")
     try:
         if args.distributed:
-            distributed_init(args.coordinator, args.num_processes, args.process_id)
+            from .distributed import initialize
+
+            initialize(args)
         return int(args.run(args) or 0)
     except (UserError, FileNotFoundError, FileExistsError) as e:  # a missing file or a refused overwrite too
         print(f"{PROG}: error: {e}", file=sys.stderr)

@@ -111,3 +111,40 @@ def test_shape_errors_name_the_problem():
         EGReward(_embed_by_text(), RewardConfig(use_judge=False))(_records(2), [["a"]] * 3)
     with pytest.raises(ValueError, match="same number"):
         EGReward(_embed_by_text(), RewardConfig(use_judge=False))(_records(1), [["a"], ["a", "b"]])
+
+
+def test_reward_batch_takes_every_weight_from_its_config():
+    """The batch is the public pieces composed with the config's weights: a non-default config
+    changes the outcome scale, temperature and total weights exactly as the public functions say."""
+    from embedrl_jax.rl import outcome_terms, process_reward, total_reward
+
+    recs, n = _records(3), 2
+    rng = np.random.default_rng(5)
+    texts = [[GOOD.replace("x", f"k{rng.integers(4)}") for _ in range(n)] for _ in range(6)]
+    texts[1][0] = "no tags"  # one format failure
+    cfg = RewardConfig(format_w=1.0, outcome_w=2.0, process_w=3.0, acc_w=0.7, neg_temperature=0.3, use_judge=True)
+    rew = EGReward(_embed_by_text(16), cfg, judge=lambda ps: ["1"] * len(ps), seed=1)(recs, texts)
+    q = rew.is_query
+    t = outcome_terms(*_side_embeddings(recs, texts, n), temperature=0.3)
+    qr, pr = t.reward(0.7)
+    np.testing.assert_allclose(rew.outcome[q], np.asarray(qr), atol=1e-6)
+    np.testing.assert_allclose(rew.outcome[~q], np.asarray(pr), atol=1e-6)
+    np.testing.assert_allclose(rew.margin[q], np.asarray(t.q_margin), atol=1e-6)
+    picked = rew.process != 0
+    np.testing.assert_allclose(rew.process, np.asarray(process_reward(picked, rew.margin)), atol=1e-7)
+    want = total_reward(rew.format, rew.outcome, rew.process, format_w=1.0, outcome_w=2.0, process_w=3.0)
+    np.testing.assert_allclose(rew.total, np.asarray(want), atol=1e-6)
+    assert rew.format.min() == 0 and rew.format.max() == 1
+    assert not np.allclose(rew.total, 0.05 * rew.format + 0.8 * rew.outcome + 0.2 * rew.process)
+
+
+def _side_embeddings(recs, texts, n):
+    from embedrl_jax.tcot import evidence_item
+
+    items = [evidence_item(dict(r.query if s == 0 else r.positive), t) for i, r in enumerate(recs) for s in (0, 1)
+             for t in texts[2 * i + s]]
+    e = _embed_by_text(16)(items)
+    rows = np.arange(len(items))
+    q = (rows // n) % 2 == 0
+    pair = rows // n // 2
+    return e[q], e[~q], pair[q], pair[~q]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -28,6 +28,8 @@ __all__ = [
     "RewardConfig",
     "format_reward",
     "row_outcome_terms",
+    "OutcomeTerms",
+    "outcome_terms",
     "outcome_reward",
     "hardest_negatives",
     "process_reward",
@@ -39,7 +41,8 @@ __all__ = [
 
 @dataclasses.dataclass(frozen=True)
 class RewardConfig:
-    """Reward constants (method reference §7); the official code lost them, so they live here."""
+    """Reward constants (method reference §7); the official code lost them, so they live here,
+    and only here: the functions below take their defaults from this class."""
 
     format_w: float = 0.05
     outcome_w: float = 0.8
@@ -73,7 +76,7 @@ def format_reward(texts: Sequence[str] | str) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
-def row_outcome_terms(sim, row_pair, col_pair, temperature=0.5):
+def row_outcome_terms(sim, row_pair, col_pair, temperature=RewardConfig.neg_temperature):
     """Per-row top-k precision and softmax-weighted margin against a similarity matrix.
 
     ``sim [R, C]``; row ``a`` has positives ``P(a) = {c : col_pair[c] == row_pair[a]}`` and
@@ -131,7 +134,37 @@ def _check_outcome_inputs(q_emb, p_emb, q_pair, p_pair):
             raise ValueError(f"{name} must hold integer pair ids, got dtype {ids.dtype}")
 
 
-def outcome_reward(q_emb, p_emb, q_pair, p_pair, temperature=0.5, *, scale=0.5):
+class OutcomeTerms(NamedTuple):
+    """Everything the outcome reward is made of, kept for the judge and the diagnostics:
+    ``sim [Nq, Np]`` and each side's ``acc`` / ``margin`` (see ``row_outcome_terms``)."""
+
+    sim: Any
+    q_acc: Any
+    q_margin: Any
+    p_acc: Any
+    p_margin: Any
+
+    def reward(self, scale=RewardConfig.acc_w):
+        """``(q_reward [Nq], p_reward [Np]) = scale * acc * margin`` on each side."""
+        return scale * self.q_acc * self.q_margin, scale * self.p_acc * self.p_margin
+
+
+def outcome_terms(q_emb, p_emb, q_pair, p_pair, temperature=RewardConfig.neg_temperature) -> OutcomeTerms:
+    """The similarity matrix and both sides' top-k precision and margin (``outcome_reward``'s
+    parts); inputs checked eagerly as there."""
+    q_emb = jnp.asarray(q_emb)
+    p_emb = jnp.asarray(p_emb)
+    q_pair = jnp.asarray(q_pair)
+    p_pair = jnp.asarray(p_pair)
+    _check_outcome_inputs(q_emb, p_emb, q_pair, p_pair)
+    sim = jnp.dot(q_emb.astype(jnp.float32), p_emb.astype(jnp.float32).T, precision=lax.Precision.HIGHEST)
+    q_acc, q_margin = row_outcome_terms(sim, q_pair, p_pair, temperature)
+    p_acc, p_margin = row_outcome_terms(sim.T, p_pair, q_pair, temperature)
+    return OutcomeTerms(sim, q_acc, q_margin, p_acc, p_margin)
+
+
+def outcome_reward(q_emb, p_emb, q_pair, p_pair, temperature=RewardConfig.neg_temperature, *,
+                   scale=RewardConfig.acc_w):
     """Outcome reward for query and positive rollouts: ``scale * acc * margin`` on each side.
 
     ``q_emb [Nq, D]`` and ``p_emb [Np, D]`` are L2-normalised rollout embeddings; ``q_pair
@@ -142,15 +175,7 @@ def outcome_reward(q_emb, p_emb, q_pair, p_pair, temperature=0.5, *, scale=0.5):
     Shapes are checked eagerly (ValueError naming the argument) and every row is scored; there
     is no constant fallback, which silently zeroed all advantages in the official code.
     """
-    q_emb = jnp.asarray(q_emb)
-    p_emb = jnp.asarray(p_emb)
-    q_pair = jnp.asarray(q_pair)
-    p_pair = jnp.asarray(p_pair)
-    _check_outcome_inputs(q_emb, p_emb, q_pair, p_pair)
-    sim = jnp.dot(q_emb.astype(jnp.float32), p_emb.astype(jnp.float32).T, precision=lax.Precision.HIGHEST)
-    q_acc, q_margin = row_outcome_terms(sim, q_pair, p_pair, temperature)
-    p_acc, p_margin = row_outcome_terms(sim.T, p_pair, q_pair, temperature)
-    return scale * q_acc * q_margin, scale * p_acc * p_margin
+    return outcome_terms(q_emb, p_emb, q_pair, p_pair, temperature).reward(scale)
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,7 +183,7 @@ def outcome_reward(q_emb, p_emb, q_pair, p_pair, temperature=0.5, *, scale=0.5):
 # --------------------------------------------------------------------------------------------
 
 
-def hardest_negatives(sim, row_pair, col_pair, k: int = 4):
+def hardest_negatives(sim, row_pair, col_pair, k: int = RewardConfig.judge_top_k):
     """For each row, the ``k`` hardest other pair ids, hardest first, padded with -1.
 
     A pair's hardness for row ``a`` is its most similar column, ``max_{c: pair(c)=p} sim[a, c]``;
@@ -235,7 +260,8 @@ def shuffle_candidates(candidates: Sequence[Any], seed: int, call_index: int):
     return [items[i] for i in perm], perm
 
 
-def total_reward(fmt, outcome, process, *, format_w=0.05, outcome_w=0.8, process_w=0.2):
+def total_reward(fmt, outcome, process, *, format_w=RewardConfig.format_w, outcome_w=RewardConfig.outcome_w,
+                 process_w=RewardConfig.process_w):
     """``format_w * fmt + outcome_w * outcome + process_w * process``: one scalar per response."""
     fmt = jnp.asarray(fmt, jnp.float32)
     outcome = jnp.asarray(outcome, jnp.float32)

@@ -8,16 +8,15 @@ group -- the n samples of one prompt -- is n consecutive rows, as `group_advanta
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ..prompts import format_candidates, reasoner_prompt, render
 from ..tcot import evidence_item
-from .rewards import RewardConfig, format_reward, hardest_negatives, judge_pick, row_outcome_terms, shuffle_candidates
+from .rewards import (RewardConfig, format_reward, hardest_negatives, judge_pick, outcome_terms, process_reward,
+                      shuffle_candidates, total_reward)
 
 __all__ = ["rollout_prompts", "EGReward", "RewardBatch", "item_text"]
 
@@ -70,12 +69,8 @@ class RewardBatch:
         }
 
 
-@functools.partial(jax.jit, static_argnames=("temperature",))
-def _outcome_terms(q_emb, p_emb, q_pair, p_pair, temperature):
-    sim = jnp.dot(q_emb, p_emb.T, precision=jax.lax.Precision.HIGHEST)
-    q_acc, q_margin = row_outcome_terms(sim, q_pair, p_pair, temperature)
-    p_acc, p_margin = row_outcome_terms(sim.T, p_pair, q_pair, temperature)
-    return sim, q_acc, q_margin, p_acc, p_margin
+# the public outcome pieces, compiled once per batch shape (`outcome_reward` is `.reward` of these)
+_outcome_terms = jax.jit(outcome_terms, static_argnames=("temperature",))
 
 
 class EGReward:
@@ -117,24 +112,27 @@ class EGReward:
         is_query = prompt_of % 2 == 0
         pair = (prompt_of // 2).astype(np.int32)
         q_rows, p_rows = rows[is_query], rows[~is_query]
-        sim, q_acc, q_margin, p_acc, p_margin = (np.asarray(x) for x in _outcome_terms(
-            jnp.asarray(emb[q_rows]), jnp.asarray(emb[p_rows]), jnp.asarray(pair[q_rows]), jnp.asarray(pair[p_rows]),
-            float(cfg.neg_temperature)))
-        acc = np.zeros(len(rows), np.float32)
-        margin = np.zeros(len(rows), np.float32)
-        acc[q_rows], acc[p_rows] = q_acc, p_acc
-        margin[q_rows], margin[p_rows] = q_margin, p_margin
-        outcome = (cfg.acc_w * acc * margin).astype(np.float32)
+        terms = _outcome_terms(emb[q_rows], emb[p_rows], pair[q_rows], pair[p_rows],
+                               temperature=float(cfg.neg_temperature))
+        q_outcome, p_outcome = terms.reward(cfg.acc_w)
+        sim = np.asarray(terms.sim)
+        acc, margin, outcome = (np.zeros(len(rows), np.float32) for _ in range(3))
+        acc[q_rows], acc[p_rows] = terms.q_acc, terms.p_acc
+        margin[q_rows], margin[p_rows] = terms.q_margin, terms.p_margin
+        outcome[q_rows], outcome[p_rows] = q_outcome, p_outcome
         fmt = format_reward(flat)
-        process = np.zeros(len(rows), np.float32)
+        picked_positive = np.zeros(len(rows), bool)
         stats = {}
         if self.judge is not None:
-            process, stats = self._process(records, flat, sim, q_rows, p_rows, pair, margin, n, step)
-        total = (cfg.format_w * fmt + cfg.outcome_w * outcome + cfg.process_w * process).astype(np.float32)
+            picked_positive, stats = self._judge(records, flat, sim, q_rows, p_rows, pair, n, step)
+        process = np.asarray(process_reward(picked_positive, margin), np.float32)
+        total = np.asarray(total_reward(fmt, outcome, process, format_w=cfg.format_w, outcome_w=cfg.outcome_w,
+                                        process_w=cfg.process_w), np.float32)
         return RewardBatch(total, fmt, outcome, process, acc, margin, is_query, stats)
 
     # -------------------------------------------------------------- judge
-    def _process(self, records, flat, sim, q_rows, p_rows, pair, margin, n, step):
+    def _judge(self, records, flat, sim, q_rows, p_rows, pair, n, step):
+        """Which rollouts the judge matched to a true positive ([2Bn] bool), and its parse stats."""
         cfg = self.config
         prompts, owners, positives = [], [], []
         for side_rows, other_rows, s in ((q_rows, p_rows, sim), (p_rows, q_rows, sim.T)):
@@ -159,7 +157,7 @@ class EGReward:
         replies = list(self.judge(prompts))
         if len(replies) != len(prompts):
             raise ValueError(f"judge returned {len(replies)} replies for {len(prompts)} prompts")
-        process = np.zeros(len(flat), np.float32)
+        picked_positive = np.zeros(len(flat), bool)
         failed = right = 0
         for row, reply, pos in zip(owners, replies, positives):
             pick = judge_pick(reply, len(pos))
@@ -167,9 +165,9 @@ class EGReward:
                 failed += 1
             elif pos[pick]:
                 right += 1
-                process[row] = margin[row]
+                picked_positive[row] = True
         count = max(len(owners), 1)
-        return process, {"judge/parse_fail": failed / count, "judge/picked_positive": right / count}
+        return picked_positive, {"judge/parse_fail": failed / count, "judge/picked_positive": right / count}
 
     @staticmethod
     def _side_text(records, row, n):

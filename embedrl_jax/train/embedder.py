@@ -225,7 +225,7 @@ class EmbedderTrainer(Trainer):
 
     def device_batch(self, arrays):
         """This host's [C, b, ...] chunks -> global arrays (the hosts' rows side by side per chunk)."""
-        arrays = host_share(self.mdef.config, arrays, jax.process_index())
+        arrays = host_share(self.mdef.config, arrays, self.mesh, jax.process_index())
         return global_batch(self.mesh, arrays, {k: (None,) + BATCH_AXES[k] for k in arrays})
 
     def train_step(self, step: int, records) -> dict:

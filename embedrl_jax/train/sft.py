@@ -258,7 +258,7 @@ class SFTTrainer(Trainer):
 
     def device_batch(self, arrays):
         """This host's [M, b, ...] micro-batches -> global arrays (the hosts' rows side by side)."""
-        arrays = host_share(self.mdef.config, arrays, jax.process_index())
+        arrays = host_share(self.mdef.config, arrays, self.mesh, jax.process_index())
         return global_batch(self.mesh, arrays, {k: (None,) + (_STACKED_AXES.get(k) or BATCH_AXES[k]) for k in arrays})
 
     def train_step(self, step: int, index: int) -> dict:

@@ -144,8 +144,8 @@ def batches_shape(cfg: Qwen3VLConfig, batches: list[dict], buckets: Buckets = Bu
 
 def hosts_shape(cfg: Qwen3VLConfig, batches: list[dict], buckets: Buckets, mesh) -> Shape:
     """The one shape every host packs its share of a global batch to: the smallest holding
-    every host's `batches`, with patch rows a multiple of the per-host batch split (the hosts'
-    patch rows are split over the batch devices like samples are). Every process calls it (a
+    every host's `batches`, with patch rows a multiple of the per-shard batch split (each data
+    shard's patch rows are split over its batch devices like samples are). Every process calls it (a
     collective); with one process it is `batches_shape` with rows rounded up."""
     from ...sharding import batch_split_per_host, hosts_max
 
@@ -165,19 +165,28 @@ def pack_chunks(cfg: Qwen3VLConfig, batches: list[dict], buckets: Buckets = Buck
     return {k: np.stack([p[k] for p in packed]) for k in packed[0]}
 
 
-def host_share(cfg: Qwen3VLConfig, arrays: dict[str, np.ndarray], process_index: int) -> dict[str, np.ndarray]:
-    """One host's packed batch as its share of a global batch assembled in process order.
+def host_share(cfg: Qwen3VLConfig, arrays: dict[str, np.ndarray], mesh, process_index: int) -> dict[str, np.ndarray]:
+    """One host's packed batch as its share of the global batch `sharding.global_batch` builds.
 
-    The hosts' patch rows are concatenated, so `visual_index` (into the merged tokens of this
-    host's rows) moves past the merged tokens of the hosts before it. Every host must pack the
-    same vision shape (the global arrays need it anyway).
+    The hosts' patch rows become one global array whose rows the mesh hands out to the hosts'
+    devices in its own order (`sharding.batch_rows`), so `visual_index` (into the merged tokens
+    of this host's patch rows) is moved to the global patch row each local row lands on. Every
+    host must pack the same vision shape (the global arrays need it anyway); hosts of one data
+    shard (`sharding.data_shard`) pack the same samples and get the same global rows. Pure: given any
+    `process_index`, the assignment can be checked for every host without running it.
     """
-    if "patches" not in arrays or process_index == 0:
+    from ...sharding import batch_rows, data_shard
+
+    if "patches" not in arrays:
         return arrays
     rows, row_len = arrays["patches"].shape[-3:-1]
+    per_row = row_len // cfg.vision.merge_unit
+    shards = data_shard(mesh, process_index)[1]
+    owned = batch_rows(mesh, rows * shards)[process_index]  # global row of each local row
     vi = arrays["visual_index"]
-    shift = process_index * rows * row_len // cfg.vision.merge_unit
-    return dict(arrays, visual_index=np.where(vi >= 0, vi + shift, vi).astype(vi.dtype))
+    safe = np.maximum(vi, 0)
+    moved = owned[safe // per_row] * per_row + safe % per_row
+    return dict(arrays, visual_index=np.where(vi >= 0, moved, vi).astype(vi.dtype))
 
 
 def vision_shape(cfg: Qwen3VLConfig, frame_sizes: list[int], buckets: Buckets) -> tuple[int, int]:
