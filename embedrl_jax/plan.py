@@ -133,6 +133,9 @@ def resolve_target(name: str, slices: int = 1) -> Target:
         return Target(name, "cpu", None, list(have[:n_cpu]), chip, 1)
     from jax.experimental import topologies
 
+    # compile-only: no chip is claimed, so several planners (and test processes) may load
+    # libtpu at once instead of failing on its single-process lockfile
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     kw = {"num_slices": slices} if slices > 1 else {}
     try:
         topo = topologies.get_topology_desc(topology_name=libtpu_name, platform="tpu", **kw)
