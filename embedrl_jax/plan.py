@@ -180,17 +180,18 @@ def target_platform(platform: str):
     row-chunked attention). This overrides those two decisions, and only them.
     """
     from .models.qwen3_vl import layers
+    from .reason import sampler
 
     if platform == "cpu":
         yield
         return
-    saved = layers.unroll_layers, layers.rows_per_step
-    layers.unroll_layers = lambda: False
+    saved = layers.unroll_layers, layers.rows_per_step, sampler.unroll_layers
+    layers.unroll_layers = sampler.unroll_layers = lambda: False
     layers.rows_per_step = lambda rows, row_score_bytes: rows
     try:
         yield
     finally:
-        layers.unroll_layers, layers.rows_per_step = saved
+        layers.unroll_layers, layers.rows_per_step, sampler.unroll_layers = saved
 
 
 # ------------------------------------------------------------------ configs and model shapes
@@ -596,7 +597,9 @@ def _generate_program(name, mdef, params, mesh, rows, p_len, vision, new_tokens,
 
     from .reason.sampler import jitted_generate
 
-    fn = jitted_generate(mdef, new_tokens, eos_ids, temperature, 0, 1.0)
+    platform = mesh.devices.flat[0].platform
+    with target_platform(platform):  # the sampler picks its layer loop when the function is built
+        fn = jitted_generate(mdef, new_tokens, eos_ids, temperature, 0, 1.0)
     batch = packed_batch(mdef.config, mesh, rows, p_len, vision)
     from .sharding import named_sharding
 

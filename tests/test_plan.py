@@ -126,6 +126,7 @@ def test_cli_bad_topology_exits_2(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------ compiles
+@pytest.mark.slow
 def test_plan_cpu8_agrees_with_the_cpu_mesh(tmp_path, capsys):
     """`plan` on cpu:8 (JSON contract via the CLI), then the same program run for real on the
     CPU mesh: the arguments and outputs it allocates per device are what the plan reported."""
