@@ -207,3 +207,35 @@ def test_failed_compile_is_reported_not_raised(tmp_path):
     bad = plan_lib.Program(prog.name, prog.fn, prog.args[:2], prog.shapes, 1, 1.0)  # missing arguments
     rep = plan_lib.compile_program(bad, target, mesh)
     assert rep["error"] and not rep["fits"] and rep["bytes_per_chip"] is None
+
+
+# ------------------------------------------------------------------ the paper's configs
+def test_paper_configs_shape_every_program_from_presets():
+    """The shipped configs load, name their kind, and every program's abstract shapes carry the
+    method's settings (built from the presets alone: no weights, no data, no compile)."""
+    from embedrl_jax.config import PRESET_DIR
+
+    target = plan_lib.resolve_target("v5p:4x4x4")
+    mesh = plan_lib.build_mesh(plan_lib.parse_mesh("1,-1,1"), target)
+    kinds = {}
+    for name in ("embedder_2b", "embedder_4b", "sft_reasoner_8b", "egrl_8b"):
+        kind, cfg = plan_lib.load_run_config(str(PRESET_DIR / f"{name}.json"))
+        kinds[name] = kind
+        progs = {p.name: p for p in (build(cfg, mesh) for build in plan_lib.programs_for(kind, cfg))}
+        if name.startswith("embedder"):
+            p = progs["embedder_train_step"]
+            assert p.shapes["pairs"] == (1024 if name == "embedder_2b" else 512)
+            assert cfg.lora.rank == (64 if name == "embedder_2b" else 96) and cfg.lora.alpha == 2 * cfg.lora.rank
+            assert (cfg.optim.lr, cfg.optim.schedule, cfg.optim.warmup_steps) == (1e-4, "cosine", 10)
+            state = p.args[0]
+            assert all(x.dtype == np.float32 for x in jax.tree.leaves(state["params"]))
+        elif name == "egrl_8b":
+            assert set(progs) == {"rollout", "reward_embed", "grpo_update", "judge"}
+            r = progs["rollout"].shapes
+            assert (r["sequences"], r["prompt_tokens"], r["new_tokens"]) == (256, 14336, 2048)
+            g = progs["grpo_update"].shapes
+            assert (g["rollouts"], g["mini_batches"], g["completion_tokens"]) == (256, 2, 2048)
+            assert (cfg.optim.lr, cfg.grpo.kl_coef, cfg.grpo.dual_clip, cfg.grpo.aggregation) == (3e-6, 0.01, 3.0, "token-mean")
+        for p in progs.values():
+            assert p.tokens_per_step > 0 and p.analytic_flops > 0
+    assert kinds == {"embedder_2b": "embedder", "embedder_4b": "embedder", "sft_reasoner_8b": "sft", "egrl_8b": "egrl"}
