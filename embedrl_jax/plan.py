@@ -881,7 +881,7 @@ def plan(config: str, topology: str, *, slices: int = 1, mesh: str | None = None
         rep["verdict"] = _verdict(rep, prog, target, m)
         report["programs"].append(rep)
         if progress:
-            progress(f"{prog.name}: {rep['verdict']} (compiled in {rep['compile_s']}s)")
+            progress(format_program(rep))
     report["fits"] = all(p["fits"] for p in report["programs"])
     return report
 
@@ -908,35 +908,39 @@ def parse_mesh(text: str):
 
 
 # ------------------------------------------------------------------ text report and CLI
+def format_program(p: dict) -> str:
+    lines = [f"[{p['name']}] {p['verdict']}"]
+    if p.get("shapes"):
+        lines.append("  shapes: " + ", ".join(f"{k}={v}" for k, v in p["shapes"].items())
+                     + f"; tokens_per_step={p['tokens_per_step']}")
+    b = p.get("bytes_per_chip")
+    if b:
+        lines.append("  per chip: " + ", ".join(f"{k} {_gib(v)}" for k, v in b.items())
+                     + f"; HBM {_gib(p['hbm_bytes_per_chip'])}; fits={p['fits']}")
+    if p.get("flops_per_chip") or p.get("analytic_flops_per_chip"):
+        comp = p.get("flops_per_chip")
+        lines.append(f"  FLOPs per chip: compiler {comp or 0:.3g}, analytic {p['analytic_flops_per_chip'] or 0:.3g}")
+    if p.get("flops_note"):
+        lines.append(f"  note: {p['flops_note']}")
+    if p.get("estimated_step_s"):
+        lines.append(f"  estimate (roofline lower bound, not a measurement): step >= {p['estimated_step_s']:.3g}s, "
+                     f"MFU <= {100 * p['estimated_mfu']:.0f}%")
+    for kind, c in sorted(p.get("collectives", {}).items()):
+        lines.append(f"  {kind}: {c['count']} ops, {c['bytes'] / 2**20:.1f} MiB"
+                     f" ({c['in_loop_count']} ops / {c['in_loop_bytes'] / 2**20:.1f} MiB inside loops, once per iteration)")
+    if p.get("compile_s") is not None:
+        lines.append(f"  compile: {p['compile_s']}s")
+    if p.get("error"):
+        lines.append("  error: " + p["error"].strip().splitlines()[0][:500])
+    return "\n".join(lines)
+
+
 def format_report(rep: dict) -> str:
     lines = [f"plan: {rep['config']} ({rep['kind']}) on {rep['topology']}"
              + (f" = {rep['libtpu_topology']}" if rep.get("libtpu_topology") else "")
              + f": {rep['chips']} {rep['chip']} chips, {rep['hosts']} hosts, {rep['slices']} slice(s), "
                f"mesh {rep['mesh']}; jax {rep['jax']}, libtpu {rep['libtpu']}"]
-    for p in rep["programs"]:
-        lines.append(f"\n[{p['name']}] {p['verdict']}")
-        if p.get("shapes"):
-            lines.append("  shapes: " + ", ".join(f"{k}={v}" for k, v in p["shapes"].items())
-                         + f"; tokens_per_step={p['tokens_per_step']}")
-        b = p.get("bytes_per_chip")
-        if b:
-            lines.append("  per chip: " + ", ".join(f"{k} {_gib(v)}" for k, v in b.items())
-                         + f"; HBM {_gib(p['hbm_bytes_per_chip'])}; fits={p['fits']}")
-        if p.get("flops_per_chip") or p.get("analytic_flops_per_chip"):
-            comp = p.get("flops_per_chip")
-            lines.append(f"  FLOPs per chip: compiler {comp or 0:.3g}, analytic {p['analytic_flops_per_chip']:.3g}")
-        if p.get("flops_note"):
-            lines.append(f"  note: {p['flops_note']}")
-        if p.get("estimated_step_s"):
-            lines.append(f"  estimate (roofline lower bound, not a measurement): step >= {p['estimated_step_s']:.3g}s, "
-                         f"MFU <= {100 * p['estimated_mfu']:.0f}%")
-        for kind, c in sorted(p.get("collectives", {}).items()):
-            lines.append(f"  {kind}: {c['count']} ops, {c['bytes'] / 2**20:.1f} MiB"
-                         f" ({c['in_loop_count']} ops / {c['in_loop_bytes'] / 2**20:.1f} MiB inside loops, once per iteration)")
-        if p.get("compile_s") is not None:
-            lines.append(f"  compile: {p['compile_s']}s")
-        if p.get("error"):
-            lines.append("  error: " + p["error"].strip().splitlines()[0][:500])
+    lines += ["\n" + format_program(p) for p in rep["programs"]]
     lines.append("\nall programs fit" if rep["fits"] else "\nnot every program fits")
     return "\n".join(lines)
 
@@ -964,7 +968,7 @@ def run(args) -> int:
         n = topo.split(":", 1)[1]
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}").strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only: never probe for a local TPU
-    say = None if args.json else (lambda m: print(f"embedrl: {m}", file=sys.stderr, flush=True))
+    say = lambda m: print(f"embedrl: {m}", file=sys.stderr, flush=True)  # noqa: E731 - progress on stderr
     rep = plan(args.config, args.topology, slices=args.slices, mesh=args.mesh, tokens=args.tokens,
                overrides=args.overrides, progress=say, hlo_dir=args.hlo_dir)
     print(json.dumps(rep, indent=2) if args.json else format_report(rep))
