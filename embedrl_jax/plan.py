@@ -756,9 +756,28 @@ def _gib(x) -> str:
     return f"{x / GiB:.2f} GiB"
 
 
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+_HBM_OOM = re.compile(r"memory required for HLO (\w+) \(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)")
+
+
+def oom_bytes(error: str | None) -> dict | None:
+    """What the TPU compiler said it needed when it refused a program for HBM (it compiles only
+    programs that fit, so a too-large program has no memory analysis, only this message)."""
+    m = _HBM_OOM.search(error or "")
+    if not m:
+        return None
+    return {"what": m.group(1), "required": int(float(m.group(2)) * _UNITS[m.group(3)]),
+            "available": int(float(m.group(4)) * _UNITS[m.group(5)])}
+
+
 def _verdict(rep: dict, prog: Program | None, target: Target, mesh) -> str:
     if rep["error"]:
         first = rep["error"].strip().splitlines()[0][:200]
+        oom = oom_bytes(rep["error"])
+        if oom:
+            return (f"does not fit: the compiler needs {_gib(oom['required'])} of HLO {oom['what']} per chip, "
+                    f"{_gib(oom['required'] - oom['available'])} over the {_gib(oom['available'])} it can use; "
+                    f"would help: {_help(prog, 'temporaries', mesh)}")
         vm = "VMEM" in rep["error"] or "RESOURCE_EXHAUSTED" in rep["error"]
         help_ = _help(prog, "temporaries", mesh) if vm else "see error"
         return f"does not compile: {first}" + (f"; would help: {help_}" if vm else "")
@@ -803,6 +822,7 @@ def compile_program(prog: Program, target: Target, mesh, hlo_dir: str | None = N
     except Exception as e:  # noqa: BLE001 - reported, not raised (a failed compile is a finding)
         rep["error"] = f"{type(e).__name__}: {e}"[:4000]
         rep["compile_s"] = round(time.perf_counter() - t0, 1)
+        rep["required_bytes_per_chip"] = oom_bytes(rep["error"])
         return rep
     rep["compile_s"] = round(time.perf_counter() - t0, 1)
     mem = compiled.memory_analysis()

@@ -239,3 +239,11 @@ def test_paper_configs_shape_every_program_from_presets():
         for p in progs.values():
             assert p.tokens_per_step > 0 and p.analytic_flops > 0
     assert kinds == {"embedder_2b": "embedder", "embedder_4b": "embedder", "sft_reasoner_8b": "sft", "egrl_8b": "egrl"}
+
+
+def test_hbm_refusal_is_read_from_the_compiler_message():
+    msg = ("JaxRuntimeError: RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+           "temporaries (129.15G) exceeds available HBM (95.74G).")
+    got = plan_lib.oom_bytes(msg)
+    assert got == {"what": "temporaries", "required": int(129.15 * 2**30), "available": int(95.74 * 2**30)}
+    assert plan_lib.oom_bytes("INTERNAL: something else") is None
