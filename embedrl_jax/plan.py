@@ -420,8 +420,9 @@ class Program:
     args: tuple  # abstract arguments
     shapes: dict  # the global batch shapes it compiles
     tokens_per_step: int
-    analytic_flops: float  # whole program, all chips
+    analytic_flops: float  # whole program, all chips: everything it executes (recompute included)
     hints: dict = dataclasses.field(default_factory=dict)  # config keys that would shrink it
+    model_flops: float | None = None  # the model's own work (no remat / GradCache recompute), for MFU
 
 
 def _emb_token_id(mcfg) -> int:
@@ -472,9 +473,9 @@ def embedder_train_program(cfg, mesh, tokens=None) -> Program:
     mult = train_multiplier(cfg.lora is None, cfg.remat) + (1.0 if chunks > 1 else 0.0)  # GradCache: a 2nd forward
     shapes = {"pairs": pairs, "sequences": 2 * pairs, "grad_cache_chunks": chunks, "sequences_per_chunk": 2 * b,
               "padded_tokens": seq, "patch_rows": 2 * vision[0] * chunks, "patch_row_len": vision[1]}
-    hints = {"chunks": "grad_cache_chunks", "remat": "remat", "frozen_dtype": "base_dtype"}
+    hints = {"chunks": "grad_cache_chunks", "frozen_dtype": "base_dtype", **({} if cfg.remat else {"remat": "remat"})}
     return Program("embedder_train_step", fn, (state, frozen, q, p, abstract_key(mesh)), shapes,
-                   2 * pairs * seq, fwd * mult, hints)
+                   2 * pairs * seq, fwd * mult, hints, fwd * train_multiplier(cfg.lora is None, False))
 
 
 def _prompt_tokens(inputs, max_prompt_tokens: int, tokens):
@@ -517,9 +518,10 @@ def sft_train_program(cfg, mesh, tokens=None) -> Program:
     fwd = m * forward_flops(mcfg, r, p_len + t_len, vision, head_tokens=r * t_len)
     shapes = {"sequences": cfg.batch_size, "micro_batches": m, "prompt_tokens": p_len, "completion_tokens": t_len,
               "padded_tokens": p_len + t_len, "patch_rows": vision[0] * m, "patch_row_len": vision[1]}
-    hints = {"chunks": "micro_batches", "remat": "remat", "frozen_dtype": "base_dtype"}
+    hints = {"chunks": "micro_batches", "frozen_dtype": "base_dtype", **({} if cfg.remat else {"remat": "remat"})}
     return Program("sft_train_step", fn, (state, frozen, batch, abstract_key(mesh)), shapes,
-                   cfg.batch_size * (p_len + t_len), fwd * train_multiplier(cfg.lora is None, cfg.remat), hints)
+                   cfg.batch_size * (p_len + t_len), fwd * train_multiplier(cfg.lora is None, cfg.remat), hints,
+                   fwd * train_multiplier(cfg.lora is None, False))
 
 
 def _rl_models(cfg):
@@ -585,10 +587,10 @@ def grpo_update_program(cfg, mesh, tokens=None) -> Program:
     shapes = {"rollouts": prompts * n, "mini_batches": m, "rows_per_mini_batch": r, "prompt_tokens": p_len,
               "completion_tokens": t_len, "padded_tokens": p_len + t_len, "patch_rows": vision[0] * m,
               "patch_row_len": vision[1]}
-    hints = {"chunks": "grpo.mini_batches", "remat": "remat", "frozen_dtype": "base_dtype",
-             "bucket": "rollout.max_prompt_tokens"}
+    hints = {"chunks": "grpo.mini_batches", "frozen_dtype": "base_dtype", "bucket": "rollout.max_prompt_tokens",
+             **({} if cfg.remat else {"remat": "remat"})}
     return Program("grpo_update", fn, (state, frozen, ref, mb), shapes, prompts * n * (p_len + t_len), fwd * passes,
-                   hints)
+                   hints, fwd * (passes - (1.0 if cfg.remat else 0.0)))
 
 
 def _generate_program(name, mdef, params, mesh, rows, p_len, vision, new_tokens, temperature, eos_ids, hints,
@@ -814,7 +816,8 @@ def compile_program(prog: Program, target: Target, mesh, hlo_dir: str | None = N
 
     rep = {"name": prog.name, "fits": False, "bytes_per_chip": None, "hbm_bytes_per_chip": target.chip.hbm_bytes,
            "shapes": prog.shapes, "tokens_per_step": int(prog.tokens_per_step), "flops_per_chip": None,
-           "analytic_flops_per_chip": prog.analytic_flops / target.chips, "collectives": {}, "error": None}
+           "analytic_flops_per_chip": prog.analytic_flops / target.chips, "collectives": {}, "error": None,
+           "model_flops_per_chip": (prog.model_flops or prog.analytic_flops) / target.chips}
     t0 = time.perf_counter()
     try:
         with target_platform(target.platform), jax.set_mesh(mesh):
@@ -859,7 +862,8 @@ def _estimates(rep: dict, target: Target) -> dict:
         if rep.get("bytes_accessed_per_chip") and chip.hbm_bandwidth:
             t = max(t, rep["bytes_accessed_per_chip"] / chip.hbm_bandwidth)
         out["estimated_step_s"] = t
-        out["estimated_mfu"] = ana / chip.peak_flops / t
+        model = rep.get("model_flops_per_chip") or ana
+        out["estimated_mfu"] = model / chip.peak_flops / t
     return out
 
 
