@@ -471,7 +471,7 @@ def embedder_train_program(cfg, mesh, tokens=None) -> Program:
                  out_shardings=(state_sh, _replicated(mesh)), donate_argnums=(0,))
     fwd = 2 * forward_flops(mcfg, pairs, seq, (vision[0] * chunks, vision[1]))  # both towers
     mult = train_multiplier(cfg.lora is None, cfg.remat) + (1.0 if chunks > 1 else 0.0)  # GradCache: a 2nd forward
-    shapes = {"pairs": pairs, "sequences": 2 * pairs, "grad_cache_chunks": chunks, "sequences_per_chunk": 2 * b,
+    shapes = {"pairs": pairs, "sequences": 2 * pairs, "grad_cache_chunks": chunks, "pairs_per_chunk": b,
               "padded_tokens": seq, "patch_rows": 2 * vision[0] * chunks, "patch_row_len": vision[1]}
     hints = {"chunks": "grad_cache_chunks", "frozen_dtype": "base_dtype", **({} if cfg.remat else {"remat": "remat"})}
     return Program("embedder_train_step", fn, (state, frozen, q, p, abstract_key(mesh)), shapes,
