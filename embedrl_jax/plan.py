@@ -792,9 +792,32 @@ def _verdict(rep: dict, prog: Program | None, target: Target, mesh) -> str:
             f"largest item {big} ({_gib(b[big])}); would help: {_help(prog, big, mesh)}")
 
 
+def _replicated_batch(prog: Program | None, mesh) -> int | None:
+    """Rows of a batch the mesh cannot split (the rules table then replicates it on every chip)."""
+    def find(x):
+        if isinstance(x, dict):
+            if "input_ids" in x and hasattr(x["input_ids"], "sharding"):
+                return x["input_ids"]
+            return next((f for f in map(find, x.values()) if f is not None), None)
+        if isinstance(x, (tuple, list)):
+            return next((f for f in map(find, x) if f is not None), None)
+        return None
+
+    ids = find(prog.args) if prog else None
+    if ids is None or batch_devices(mesh) == 1:
+        return None
+    rows = ids.shape[-2]
+    return rows if ids.sharding.spec[len(ids.shape) - 2] is None else None
+
+
 def _help(prog: Program | None, big: str, mesh) -> str:
     h = (prog.hints if prog else {}) or {}
     ideas = []
+    rows = _replicated_batch(prog, mesh)
+    if rows is not None:
+        d = batch_devices(mesh)
+        ideas.append(f"a batch the mesh can split: its {rows} rows do not divide the {d} batch devices, so every "
+                     f"chip runs all of them (make {h.get('chunks', 'the batch')} a multiple of {d})")
     if big in ("arguments", "outputs"):
         ideas.append(f"more FSDP (fsdp axis is {mesh.shape['fsdp']}; a larger slice or mesh.fsdp=-1)")
         if "frozen_dtype" in h:

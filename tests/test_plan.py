@@ -247,3 +247,15 @@ def test_hbm_refusal_is_read_from_the_compiler_message():
     got = plan_lib.oom_bytes(msg)
     assert got == {"what": "temporaries", "required": int(129.15 * 2**30), "available": int(95.74 * 2**30)}
     assert plan_lib.oom_bytes("INTERNAL: something else") is None
+
+
+def test_unsplittable_batch_is_named_in_the_advice():
+    from embedrl_jax.config import from_dict
+    from embedrl_jax.rl.trainer import ReasonerRLConfig
+
+    target = plan_lib.resolve_target("cpu:8")
+    mesh = plan_lib.build_mesh(plan_lib.parse_mesh("1,-1,1"), target)
+    bad = plan_lib.reward_embed_program(from_dict(ReasonerRLConfig, dict(TINY_RL, embed_batch_size=6)), mesh)
+    assert "its 6 rows do not divide the 8 batch devices" in plan_lib._help(bad, "temporaries", mesh)
+    good = plan_lib.reward_embed_program(from_dict(ReasonerRLConfig, TINY_RL), mesh)
+    assert "do not divide" not in plan_lib._help(good, "temporaries", mesh)
