@@ -304,6 +304,13 @@ def add_sft_reasoner(sub) -> None:
     p.set_defaults(run=run_sft_reasoner)
 
 
+def add_plan(sub) -> None:
+    """`embedrl plan` (issue 12) lives in plan.py."""
+    from .plan import add_parser
+
+    add_parser(sub)
+
+
 # verb -> function adding its sub-parser; each sub-parser sets `run(args) -> int`
 VERBS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "convert": add_convert,
@@ -311,6 +318,7 @@ VERBS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "train-embedder": add_train_embedder,
     "sft-reasoner": add_sft_reasoner,
     "train-reasoner": add_train_reasoner,
+    "plan": add_plan,
 }
 
 
