@@ -293,6 +293,12 @@ def add_sft_reasoner(sub) -> None:
     p.set_defaults(run=run_sft_reasoner)
 
 
+def add_serve(sub) -> None:
+    from .serve.cli import add_parser  # the serve verb lives in embedrl_jax/serve (no jax at import)
+
+    add_parser(sub)
+
+
 # verb -> function adding its sub-parser; each sub-parser sets `run(args) -> int`
 VERBS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "convert": add_convert,
@@ -300,6 +306,7 @@ VERBS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "train-embedder": add_train_embedder,
     "sft-reasoner": add_sft_reasoner,
     "train-reasoner": add_train_reasoner,
+    "serve": add_serve,
 }
 
 
