@@ -84,6 +84,7 @@ def serve(app, host: str, port: int, log_level: str = "info") -> None:
             server_state.begin_drain()
             server_state.batcher.close()
             super().handle_exit(sig, frame)
+            self._captured_signals.clear()  # a drained shutdown exits 0 instead of re-raising the signal
 
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=server_state.cfg.drain_timeout_s)
