@@ -44,6 +44,13 @@ def test_plan_shapes_respect_token_budget_and_fit_picks_smallest():
         p.fit(1, 64, [60, 60, 60])
 
 
+def test_plan_growth_four_and_a_top_that_is_not_a_power():
+    p = Plan(seqs=(64,), max_items=16, max_tokens=4096, max_frames=4, row_len=64, growth=4)
+    assert p.batch_sizes(64) == [1, 4, 16] and p.rows_options(4) == [4, 16]
+    q = Plan(seqs=(64,), max_items=6, max_tokens=4096, max_frames=1, row_len=64)
+    assert q.batch_sizes(64) == [1, 2, 4, 6] and q.fit(5, 64, []) == (6, 0)
+
+
 def test_merge_and_pad_rows_match_a_builder_batch():
     a = {"input_ids": np.array([[1, 2, 3]]), "attention_mask": np.ones((1, 3), int), "mm_token_type_ids": np.zeros((1, 3), int)}
     b = {"input_ids": np.array([[7]]), "attention_mask": np.ones((1, 1), int), "mm_token_type_ids": np.zeros((1, 1), int),

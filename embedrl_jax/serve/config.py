@@ -40,10 +40,12 @@ class ReasonServeConfig:
 class ServeConfig:
     """Limits and the static-shape plan of `embedrl serve`.
 
-    Embed batches have shapes (B, S[, rows]): S from `seq_buckets`, B a power of two with
-    B * S <= max_batch_tokens and B <= max_batch_items, patch rows a power of two between B and
-    B * max_frames, each row `max(image, frame) max tokens` merged tokens long. All of them are
-    compiled at start, so no request compiles; an item longer than the largest S is refused.
+    Embed batches have shapes (B, S[, rows]): S from `seq_buckets`, B a power of `batch_growth`
+    with B * S <= max_batch_tokens and B <= max_batch_items (the largest such B is always
+    planned), patch rows likewise between B and B * max_frames, each row `max(image, frame)
+    max tokens` merged tokens long. All of them are compiled at start (the count is printed), so
+    no request compiles; an item longer than the largest S is refused. Fewer shapes: fewer
+    `seq_buckets`, a smaller `max_batch_items` or `max_frames`, `batch_growth=4`.
     """
 
     model_name: str = ""  # served model id; "" = the Embedder directory's name
@@ -56,7 +58,8 @@ class ServeConfig:
     max_body_bytes: int = 64 * 2**20  # request body; beyond it 413
     max_seq_len: int = 2048
     seq_buckets: tuple[int, ...] = ()  # () = powers of two from 64 to max_seq_len (and max_seq_len)
-    max_frames: int = 4  # vision segments per item: images, video frame pairs, evidence crops / key frames
+    max_frames: int = 8  # vision segments per item: images, video frame pairs, evidence crops / key frames
+    batch_growth: int = 2  # planned batch sizes and patch-row counts are powers of this (4: fewer shapes, more padding)
     drain_timeout_s: float = 60.0
     input: InputConfig = InputConfig()
     reason: ReasonServeConfig = ReasonServeConfig()
@@ -68,5 +71,7 @@ class ServeConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_delay_ms < 0:
             raise ValueError(f"max_delay_ms must be >= 0, got {self.max_delay_ms}")
+        if self.batch_growth < 2:
+            raise ValueError(f"batch_growth must be >= 2, got {self.batch_growth}")
         if any(s < 1 for s in self.seq_buckets):
             raise ValueError(f"seq_buckets must be positive, got {self.seq_buckets}")

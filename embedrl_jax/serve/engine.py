@@ -41,8 +41,16 @@ __all__ = ["Plan", "Job", "Engine", "reasoner_input_config", "matryoshka"]
 log = logging.getLogger("embedrl.serve")
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(int(n) - 1, 0).bit_length()
+def _powers(lo: int, hi: int, growth: int) -> list[int]:
+    """growth**k from the smallest >= lo up to the smallest >= hi (both ends covered)."""
+    out, x = [], 1
+    while x < lo:
+        x *= growth
+    out.append(x)
+    while x < hi:
+        x *= growth
+        out.append(x)
+    return out
 
 
 def _seq_buckets(explicit: Sequence[int], top: int, low: int = 64) -> tuple[int, ...]:
@@ -80,25 +88,18 @@ class Plan:
     max_tokens: int
     max_frames: int
     row_len: int  # patches per vision row (a multiple of the merge unit)
+    growth: int = 2
 
     def batch_sizes(self, seq: int) -> list[int]:
+        """Powers of `growth` below the top, and the top: the most items of this length a batch takes."""
         top = max(1, min(self.max_items, self.max_tokens // seq))
-        out, b = [], 1
-        while b <= top:
-            out.append(b)
-            b *= 2
-        return out
+        return [b for b in _powers(1, top, self.growth) if b < top] + [top]
 
     def capacity(self, seq: int) -> int:
         return self.batch_sizes(seq)[-1]
 
     def rows_options(self, b: int) -> list[int]:
-        lo, hi = _pow2(b), _pow2(b * self.max_frames)
-        out, r = [], lo
-        while r <= hi:
-            out.append(r)
-            r *= 2
-        return out
+        return _powers(b, b * self.max_frames, self.growth)
 
     def shapes(self) -> list[tuple[int, int, int]]:
         out = []
@@ -227,13 +228,14 @@ class Engine:
         tokens = max(cfg.input.image_max_tokens, cfg.input.frame_max_tokens)
         row_len = int(math.ceil(tokens * unit / unit) * unit)
         self.embed_plan = Plan(_seq_buckets(cfg.seq_buckets, cfg.max_seq_len), cfg.max_batch_items,
-                               cfg.max_batch_tokens, cfg.max_frames, row_len)
+                               cfg.max_batch_tokens, cfg.max_frames, row_len, cfg.batch_growth)
         self.reason_plan = None
         self.prompts = None
         if reasoner is not None:
             rc = cfg.reason
             self.reason_plan = Plan(_seq_buckets(rc.seq_buckets, rc.max_prompt_tokens), rc.max_batch_items,
-                                    rc.max_batch_items * rc.max_prompt_tokens, rc.max_frames, row_len)
+                                    rc.max_batch_items * rc.max_prompt_tokens, rc.max_frames, row_len,
+                                    cfg.batch_growth)
             self.prompts = load_prompts(rc.prompts)
             self._generate = jitted_generate(reasoner.handle.model_def, rc.max_new_tokens, reasoner.eos_ids,
                                              rc.temperature, rc.top_k, rc.top_p)
