@@ -211,3 +211,44 @@ def test_metrics_render_prometheus_text_and_count_real_compilations():
     f(np.ones(5, np.float32))  # a new shape compiles
     assert m.compilations_after_warmup() == after + 1
     assert "embedrl_compilations_after_warmup" in m.render()
+
+
+# ------------------------------------------------------------------------------ worker settling
+class FakeEngine:
+    """The engine surface the Server uses, without a model."""
+
+    def __init__(self):
+        from embedrl_jax.serve.config import ServeConfig
+
+        self.cfg = ServeConfig()
+        self.embed_plan = Plan(seqs=(64,), max_items=4, max_tokens=256, max_frames=1, row_len=64)
+        self.warmed = {"embed": 0, "reason": 0}
+
+    def capacity(self, stage, seq):
+        return self.embed_plan.capacity(seq)
+
+    def plan(self, stage):
+        return self.embed_plan
+
+    def warmup(self):
+        return self.warmed
+
+    def run_embed(self, jobs):
+        return np.arange(len(jobs) * 3, dtype=np.float32).reshape(len(jobs), 3)
+
+
+def test_a_cancelled_request_does_not_break_the_worker():
+    from embedrl_jax.serve.app import Server
+
+    server = Server(FakeEngine())
+    gone, alive = job(), job()
+    gone.future.cancel()  # the client went away
+    server._run([gone, alive])
+    assert alive.future.result(0)["vec"].tolist() == [3.0, 4.0, 5.0]
+    assert gone.future.cancelled()
+    server.start()
+    j = job()
+    server.batcher.submit([j])
+    assert j.future.result(10)["vec"].shape == (3,)
+    server.stop(10)
+    assert not server._worker.is_alive()

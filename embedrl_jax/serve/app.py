@@ -18,7 +18,7 @@ import json
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import InvalidStateError, ThreadPoolExecutor
 
 import numpy as np
 from starlette.applications import Starlette
@@ -34,6 +34,19 @@ from .schema import APIError, error_body, parse_request
 __all__ = ["Server", "create_app"]
 
 log = logging.getLogger("embedrl.serve")
+
+
+def _settle(future, result=None, exc: BaseException | None = None) -> None:
+    """Resolve a job's future unless it is already done (a disconnected client cancels it)."""
+    if future.done():
+        return
+    try:
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+    except InvalidStateError:  # cancelled in between
+        pass
 
 
 class Server:
@@ -72,7 +85,13 @@ class Server:
             jobs = self.batcher.next_batch()
             if jobs is None:
                 return
-            self._run(jobs)
+            try:
+                self._run(jobs)
+            except Exception as e:  # the worker never dies; whatever is unsettled fails
+                log.exception("worker error")
+                for j in jobs:
+                    _settle(j.future, exc=APIError(500, f"internal error: {type(e).__name__}: {e}",
+                                                   code="server_error"))
 
     def _run(self, jobs) -> None:
         stage = jobs[0].stage
@@ -93,22 +112,21 @@ class Server:
             err = APIError(500, f"the model failed on a batch holding this request's items: {type(e).__name__}: {e}",
                            code="batch_failed")
             for j in jobs:
-                if not j.future.done():
-                    j.future.set_exception(err)
+                _settle(j.future, exc=err)
             return
         self.metrics.observe("batch_seconds", time.perf_counter() - t0, stage=stage)
         self.metrics.inc("batches_total", stage=stage, outcome="ok")
         self.metrics.inc("items_total", len(jobs), stage=stage)
         if stage == "embed":
             for j, vec in zip(jobs, out):
-                j.future.set_result({"vec": vec, "tokens": j.length, "tcot": j.tcot, "reason_tokens": j.reason_tokens})
+                _settle(j.future, {"vec": vec, "tokens": j.length, "tcot": j.tcot, "reason_tokens": j.reason_tokens})
             return
         follow = []
         for j, (text, tokens) in zip(jobs, out):
             try:
                 follow.append(self.engine.embed_job_after_reasoning(j, text, tokens))
             except APIError as e:
-                j.future.set_exception(e)
+                _settle(j.future, exc=e)
         if follow:
             self.batcher.submit(follow, force=True)
 
