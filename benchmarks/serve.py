@@ -103,10 +103,14 @@ def percentile(xs, q):
     return float(np.percentile(np.asarray(xs), q)) if xs else float("nan")
 
 
-def batch_stats(base: str):
+def httpx_get(url: str) -> str:
     import httpx
 
-    text = httpx.get(base + "/metrics", timeout=30).text
+    return httpx.get(url, timeout=30).text
+
+
+def batch_stats(base: str):
+    text = httpx_get(base + "/metrics")
     n = s = 0.0
     for line in text.splitlines():
         m = re.match(r'embedrl_batch_size_(count|sum)\{stage="embed"\} (\S+)', line)
@@ -253,6 +257,10 @@ def main(argv=None):
                 res.update(mix=mix, rate=rate, mean_batch=(s1 - s0) / max(n1 - n0, 1))
                 rows.append(res)
                 print(json.dumps(res), flush=True)
+        metrics = httpx_get(base + "/metrics")
+        after = re.search(r"^embedrl_compilations_after_warmup (\S+)$", metrics, re.M)
+        compiles_after = float(after.group(1)) if after else float("nan")
+        warm = dict(re.findall(r'^embedrl_warmup_shapes\{stage="(\w+)"\} (\S+)$', metrics, re.M))
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -276,7 +284,8 @@ def main(argv=None):
     settings = (f"model {args.size}, --max-delay-ms {args.max_delay_ms:g}, --max-batch-tokens {args.max_batch_tokens}, "
                 f"max_batch_items={args.max_batch_items}, seq_buckets={args.seq_buckets}, --max-queue {args.max_queue}, "
                 f"one item per request, Poisson arrivals, {args.count} requests / {args.duration:g}s per run at most; "
-                f"server start (load + warm-up) {startup:.0f}s")
+                f"server start (load + warm-up of {warm} shapes) {startup:.0f}s; "
+                f"compilations after warm-up, read from /metrics at the end: {compiles_after:g}")
     print(settings)
     print(table)
     (workdir / "serve_bench.json").write_text(json.dumps(dict(rows=rows, encode=ref, settings=settings), indent=1))
