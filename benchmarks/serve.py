@@ -9,7 +9,7 @@ arrivals) at Poisson arrival times fixed in advance, and measures each latency f
 queueing). Reported: p50 / p99 / max latency, achieved items/s, errors by class, and the mean
 batch size the server formed (from /metrics). Then the same items go through `Embedder.encode`
 in this process (server stopped): batched (items/s) and one at a time (latency), so the server's
-overhead is a ratio. The models are random (tiny: the test model; small: a ~10M-parameter
+overhead is a ratio. The models are random (tiny: the test model; small: a 5.2M-parameter
 Qwen3-VL with the same tokenizer); nothing here is a test.
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ WORDS = ("a small test sentence the quick brown fox jumps over the lazy dog retr
 
 
 def small_model(path: Path) -> None:
-    """A ~10M-parameter Qwen3-VL with the tiny tokenizer's ids (random weights)."""
+    """A 5.2M-parameter Qwen3-VL with the tiny tokenizer's ids (random weights)."""
     import torch
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
