@@ -174,7 +174,7 @@ def start_server(model: Path, args, log_path: Path):
            "--max-delay-ms", str(args.max_delay_ms), "--max-batch-tokens", str(args.max_batch_tokens),
            "--max-queue", str(args.max_queue), "--served-model-name", "bench", "--log-level", "warning",
            f"max_seq_len={args.max_seq_len}", f"seq_buckets={json.dumps(args.seq_buckets)}",
-           f"max_batch_items={args.max_batch_items}", "max_frames=1"]
+           f"max_batch_items={args.max_batch_items}", "max_frames=1", f"batch_growth={args.batch_growth}"]
     cmd += [f"input.{k}={v}" for k, v in TINY_INPUT.items()]
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
     log = open(log_path, "w")
@@ -233,6 +233,7 @@ def main(argv=None):
     p.add_argument("--max-batch-tokens", type=int, default=1024)
     p.add_argument("--max-batch-items", type=int, default=16)
     p.add_argument("--max-queue", type=int, default=256)
+    p.add_argument("--batch-growth", type=int, default=2)
     p.add_argument("--max-seq-len", type=int, default=256)
     p.add_argument("--seq-buckets", type=lambda s: [int(x) for x in s.split(",")], default=[128, 256])
     p.add_argument("--startup-timeout", type=float, default=900.0)
@@ -282,7 +283,7 @@ def main(argv=None):
                      f"{r['p50_ms'] / e['single_p50_ms']:.2f} |")
     table = "\n".join(lines)
     settings = (f"model {args.size}, --max-delay-ms {args.max_delay_ms:g}, --max-batch-tokens {args.max_batch_tokens}, "
-                f"max_batch_items={args.max_batch_items}, seq_buckets={args.seq_buckets}, --max-queue {args.max_queue}, "
+                f"max_batch_items={args.max_batch_items}, batch_growth={args.batch_growth}, seq_buckets={args.seq_buckets}, --max-queue {args.max_queue}, "
                 f"one item per request, Poisson arrivals, {args.count} requests / {args.duration:g}s per run at most; "
                 f"server start (load + warm-up of {warm} shapes) {startup:.0f}s; "
                 f"compilations after warm-up, read from /metrics at the end: {compiles_after:g}")

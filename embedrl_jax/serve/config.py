@@ -25,8 +25,8 @@ class ReasonServeConfig:
     top_p: float = 1.0
     seed: int = 0
     max_prompt_tokens: int = 4096
-    seq_buckets: tuple[int, ...] = ()  # prompt lengths compiled; () = powers of two from 64 to max_prompt_tokens
-    max_batch_items: int = 8
+    seq_buckets: tuple[int, ...] = ()  # prompt lengths compiled; () = powers of two from 128 to max_prompt_tokens
+    max_batch_items: int = 4
     max_frames: int = 8  # images per prompt (video frames are images for the Reasoner)
     prompts: str | None = None  # JSON file merged over the packaged T-CoT prompts
     default_side: Literal["query", "positive"] = "query"
@@ -44,22 +44,23 @@ class ServeConfig:
     with B * S <= max_batch_tokens and B <= max_batch_items (the largest such B is always
     planned), patch rows likewise between B and B * max_frames, each row `max(image, frame)
     max tokens` merged tokens long. All of them are compiled at start (the count is printed), so
-    no request compiles; an item longer than the largest S is refused. Fewer shapes: fewer
-    `seq_buckets`, a smaller `max_batch_items` or `max_frames`, `batch_growth=4`.
+    no request compiles; an item longer than the largest S is refused. The defaults plan 55 embed
+    shapes (and 48 Reasoner shapes); fewer: fewer `seq_buckets`, a smaller `max_batch_items` or
+    `max_frames`; less padding: `batch_growth=2` (more shapes).
     """
 
     model_name: str = ""  # served model id; "" = the Embedder directory's name
     dtype: Literal["float32", "bfloat16"] = "float32"
     max_batch_tokens: int = 8192
-    max_batch_items: int = 32
+    max_batch_items: int = 16
     max_delay_ms: float = 5.0
     max_queue: int = 1024  # items waiting for the model; beyond it requests get 429 at once
     max_inputs: int = 256  # inputs per request; beyond it 413
     max_body_bytes: int = 64 * 2**20  # request body; beyond it 413
     max_seq_len: int = 2048
-    seq_buckets: tuple[int, ...] = ()  # () = powers of two from 64 to max_seq_len (and max_seq_len)
+    seq_buckets: tuple[int, ...] = ()  # () = powers of two from 128 to max_seq_len (and max_seq_len)
     max_frames: int = 8  # vision segments per item: images, video frame pairs, evidence crops / key frames
-    batch_growth: int = 2  # planned batch sizes and patch-row counts are powers of this (4: fewer shapes, more padding)
+    batch_growth: int = 4  # planned batch sizes and patch-row counts are powers of this (2: less padding, more shapes)
     drain_timeout_s: float = 60.0
     input: InputConfig = InputConfig()
     reason: ReasonServeConfig = ReasonServeConfig()

@@ -53,7 +53,7 @@ def _powers(lo: int, hi: int, growth: int) -> list[int]:
     return out
 
 
-def _seq_buckets(explicit: Sequence[int], top: int, low: int = 64) -> tuple[int, ...]:
+def _seq_buckets(explicit: Sequence[int], top: int, low: int = 128) -> tuple[int, ...]:
     if explicit:
         return tuple(sorted(set(int(s) for s in explicit)))
     out, s = [], low
