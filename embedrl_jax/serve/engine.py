@@ -19,7 +19,7 @@ import math
 import re
 import time
 from concurrent.futures import Future
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
