@@ -311,6 +311,12 @@ def add_plan(sub) -> None:
     add_parser(sub)
 
 
+def add_serve(sub) -> None:
+    from .serve.cli import add_parser  # the serve verb lives in embedrl_jax/serve (no jax at import)
+
+    add_parser(sub)
+
+
 # verb -> function adding its sub-parser; each sub-parser sets `run(args) -> int`
 VERBS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "convert": add_convert,
@@ -319,6 +325,7 @@ VERBS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "sft-reasoner": add_sft_reasoner,
     "train-reasoner": add_train_reasoner,
     "plan": add_plan,
+    "serve": add_serve,
 }
 
 

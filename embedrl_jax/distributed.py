@@ -35,6 +35,7 @@ from .errors import UserError
 class CoordinatorUnreachable(UserError, ConnectionError):
     """The coordinator could not be reached in time; the message names its address."""
 
+
 INIT_TIMEOUT_S = 300  # jax's default; EMBEDRL_INIT_TIMEOUT overrides it
 
 
