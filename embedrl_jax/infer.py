@@ -27,7 +27,8 @@ import numpy as np
 from .eval.readers import choose_frames
 
 __all__ = ["read_items", "tcot_key", "load_tcots", "attach_tcots", "generate_tcots", "item_fingerprint",
-           "KeyedStore", "encode_items_file", "exact_topk", "build_faiss", "search_index", "add_parsers"]
+           "KeyedStore", "encode_items_file", "exact_topk", "build_faiss", "search_index", "add_parsers",
+           "add_tcot", "add_encode", "add_search"]
 
 SIDES = ("query", "candidate")
 
@@ -545,6 +546,12 @@ def _common(p, model_flag: str | None = None):
 
 def add_parsers(sub) -> None:
     """Registers `tcot generate`, `encode` and `search` on the CLI's sub-parsers."""
+    add_tcot(sub)
+    add_encode(sub)
+    add_search(sub)
+
+
+def add_tcot(sub) -> None:
     t = sub.add_parser("tcot", help="T-CoT generation for a corpus")
     ts = t.add_subparsers(dest="tcot_verb", required=True)
     g = ts.add_parser("generate", help="write the T-CoT of every item (resumable)")
@@ -560,6 +567,8 @@ def add_parsers(sub) -> None:
     g.add_argument("overrides", nargs="*", metavar="key=value", help="temperature=1.0 seed=0 batch_size=8")
     g.set_defaults(run=run_tcot_generate)
 
+
+def add_encode(sub) -> None:
     e = sub.add_parser("encode", help="embed an items file (resumable): embeddings.npy + ids.jsonl")
     e.add_argument("--embedder", required=True)
     e.add_argument("--items", required=True)
@@ -572,6 +581,8 @@ def add_parsers(sub) -> None:
     _common(e)
     e.set_defaults(run=run_encode)
 
+
+def add_search(sub) -> None:
     s = sub.add_parser("search", help="top-k of queries against an encoded index")
     s.add_argument("--index", required=True, help="an `encode` output folder")
     s.add_argument("--queries", required=True, help="an encode output folder, a .npy, or an items JSONL (with --embedder)")
