@@ -12,8 +12,14 @@ WORDS = list(COLORS) + list(SHAPES) + list(DIRECTIONS)
 NOISE = 16
 
 
+def _tail(p) -> str:
+    return "/".join(str(p).replace("\\", "/").split("/")[-3:])  # independent of where the set lives
+
+
 def _seed(item) -> int:
-    blob = json.dumps({k: item.get(k) for k in ("text", "images", "video", "tcot")}, sort_keys=True, default=str)
+    view = {"text": item.get("text"), "tcot": item.get("tcot"),
+            "media": [_tail(p) for p in (item.get("images") or []) + (item.get("video") or [])]}
+    blob = json.dumps(view, sort_keys=True, default=str)
     return int(hashlib.sha1(blob.encode()).hexdigest()[:8], 16)
 
 
@@ -23,6 +29,23 @@ def _colour_fractions(path) -> np.ndarray:
     for rgb in COLORS.values():
         out.append(float((np.abs(arr - np.asarray(rgb, np.float32)).sum(-1) < 60).mean()))
     return np.asarray(out) / max(sum(out), 1e-6)
+
+
+FILL = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}
+
+
+def _shapes(path) -> np.ndarray:
+    """Shape votes from how much of each colour blob's bounding box it fills."""
+    arr = np.asarray(Image.open(path).convert("RGB"), np.float32)
+    out = np.zeros(len(SHAPES))
+    for rgb in COLORS.values():
+        mask = np.abs(arr - np.asarray(rgb, np.float32)).sum(-1) < 60
+        if mask.sum() < 12:
+            continue
+        ys, xs = np.nonzero(mask)
+        fill = mask.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+        out[int(np.argmin([abs(fill - FILL[s]) for s in SHAPES]))] += 1.0
+    return out / max(out.sum(), 1.0)
 
 
 def _centroid(path) -> np.ndarray:
@@ -40,6 +63,7 @@ def features(item) -> np.ndarray:
             v[i] += 1.0
     for path in item.get("images") or []:
         v[: len(COLORS)] += _colour_fractions(path)
+        v[len(COLORS): len(COLORS) + len(SHAPES)] += _shapes(path)
     frames = item.get("video") or []
     if frames:
         v[: len(COLORS)] += _colour_fractions(frames[0])
