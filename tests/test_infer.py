@@ -129,6 +129,7 @@ def reasoner(tmp_path_factory):
     return Reasoner.from_pretrained(path)
 
 
+@pytest.mark.slow  # ~35 s: compiles the tiny Reasoner's sampler for each prompt shape
 def test_tcot_generate_resumes_exactly(reasoner, tmp_path, monkeypatch):
     _, items = read_items(_write_items(tmp_path, 7))
     items.append(dict(items[0]))  # a repeated key is generated once
