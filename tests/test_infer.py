@@ -167,3 +167,22 @@ def test_tcot_generate_resumes_exactly(reasoner, tmp_path, monkeypatch):
     rows = [json.loads(x) for x in (tmp_path / "full.jsonl").read_text().splitlines()]
     assert [r["key"] for r in rows] == list(dict.fromkeys(tcot_key(it, "query") for it in items))
     assert rows[2]["key"] == "img.png||an image"
+
+
+@pytest.mark.slow  # the tiny Reasoner writes T-CoTs for a small task, then the evaluation uses them
+def test_eval_with_reasoner_generates_then_reuses_tcots(reasoner, tmp_path):
+    from embedrl_jax.eval.mmeb import evaluate
+    from embedrl_jax.eval.toy_set import make_toy_eval_set
+
+    root = tmp_path / "toy"
+    make_toy_eval_set(root, n=3, size=32)
+    kw = {"max_new_tokens": 4, "batch_size": 8, "prompts": SHORT_PROMPTS}
+    out = evaluate(informative_encode, root, tmp_path / "o", tasks="GQA", model_tag="m", reasoner=reasoner,
+                   reasoner_kw=kw)
+    rec = out["records"][0]
+    assert rec["tcot_hits"] == {"query": 3, "candidate": 4}
+    q = [json.loads(x) for x in (tmp_path / "o" / "tcot" / "GQA" / "query.jsonl").read_text().splitlines()]
+    assert len(q) == 3 and q[0]["key"].startswith("GQA/q000.png||What color")
+    again = evaluate(informative_encode, root, tmp_path / "o", tasks="GQA", model_tag="m",
+                     tcot_dir=tmp_path / "o" / "tcot")
+    assert again["records"][0]["embedded"] == 0 and again["summary"]["tasks"] == out["summary"]["tasks"]
