@@ -204,3 +204,23 @@ def test_uvrb_ability_average_matches_the_gve_check():
 
     assert set(ABILITIES) == {"TXT", "CMP", "VIS", "CG", "FG", "LC"} and len(ABILITIES["TXT"]) == 12
     assert np.mean([61.9, 30.4, 64.7, 55.2, 54.1, 76.4]) == pytest.approx(57.1, abs=0.05)
+
+
+def test_visdoc_parquet_rows_with_page_bytes_are_written_once(toy, tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    base = tmp_path / "copy" / "visdoc-tasks" / "ViDoSeek-doc"
+    shutil.copytree(os.path.join(toy, "visdoc-tasks", "ViDoSeek-doc"), base)
+    rows = []
+    for line in (base / "corpus" / "test.jsonl").read_text().splitlines():
+        cid = json.loads(line)["corpus-id"]
+        png = base / "images" / f"{cid}.png"
+        rows.append({"corpus-id": cid, "image": {"bytes": png.read_bytes(), "path": None}})
+        png.unlink()
+    (base / "corpus" / "test.jsonl").unlink()
+    pq.write_table(pa.Table.from_pylist(rows), base / "corpus" / "test-00000-of-00001.parquet")
+    data = read_task(TASKS["ViDoSeek-doc"], tmp_path / "copy")
+    assert len(data.cands) == len(rows) and os.path.exists(data.cands[0]["images"][0])
+    ref = read_task(TASKS["ViDoSeek-doc"], toy)
+    assert data.labels == ref.labels and data.rel_scores == ref.rel_scores

@@ -329,6 +329,14 @@ def visrag_image_name(name: str) -> str:
     return f"{stem[:50]}_{hashlib.md5(name.encode()).hexdigest()[:8]}{ext or '.png'}"
 
 
+def _write_bytes(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
 def read_visdoc_task(spec: TaskSpec, root: str, *, skip_missing: bool = False) -> TaskData:
     base = os.path.join(root, "visdoc-tasks", spec.name)
     queries = read_rows(os.path.join(base, "queries"), spec.name, "queries")
@@ -344,6 +352,8 @@ def read_visdoc_task(spec: TaskSpec, root: str, *, skip_missing: bool = False) -
             path = os.path.join(base, "images", visrag_image_name(cid))
         else:
             path = os.path.join(base, "images", f"{cid}.png")
+        if not os.path.exists(path) and isinstance(img, dict) and img.get("bytes"):
+            _write_bytes(path, img["bytes"])  # parquet rows carry the page: write it once, as the loader does
         if not os.path.exists(path):
             raise TaskFileError(f"task {spec.name}: corpus page {cid}: image {path} does not exist")
         b.cand(cid, {"text": VISDOC_PAGE_TEXT, "images": [path], "key": path})
