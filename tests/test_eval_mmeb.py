@@ -224,3 +224,34 @@ def test_visdoc_parquet_rows_with_page_bytes_are_written_once(toy, tmp_path):
     assert len(data.cands) == len(rows) and os.path.exists(data.cands[0]["images"][0])
     ref = read_task(TASKS["ViDoSeek-doc"], toy)
     assert data.labels == ref.labels and data.rel_scores == ref.rel_scores
+
+
+def test_moment_retrieval_layouts(tmp_path):
+    from PIL import Image
+
+    from embedrl_jax.eval.toy_set import _jsonl
+
+    root = tmp_path / "m"
+    fr = root / "video-tasks" / "frames" / "video_mret"
+
+    def clip(folder, n=3):
+        folder.mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (8, 8)).save(folder / f"{i}.jpg")
+
+    for c in ("query", "positive_0", "negative_1", "negative_2"):
+        clip(fr / "QVHighlight" / "vidA" / c)
+    _jsonl(str(root / "video-annotations" / "QVHighlight" / "test.jsonl"), [{"query": "a dog runs", "video_path": "vidA.mp4"}])
+    d = read_task(TASKS["QVHighlight"], root)
+    assert d.labels == [["vidA/positive_0"]] and len(d.local[0]) == 3 and len(d.queries[0]["video"]) == 3
+    for c in ("p1", "p2", "n1", "q"):
+        clip(fr / "MomentSeeker" / c)
+    _jsonl(str(root / "video-annotations" / "MomentSeeker" / "test.jsonl"),
+           [{"query": "find it", "input_frames": "q.mp4", "positive_frames": [{"output_path": "p1.mp4"},
+             {"output_path": "p2.mp4"}], "negative_frames": [{"output_path": "n1.mp4"}]}])
+    d = read_task(TASKS["MomentSeeker"], root)
+    assert d.labels == [["p1", "p2"]] and [d.cand_names[i] for i in d.local[0]] == ["p1", "p2", "n1"]
+    assert len(d.queries[0]["video"]) == 3
+    s, _ = __import__("embedrl_jax.eval.mmeb", fromlist=["score_task"]).score_task(
+        d, np.eye(3, dtype=np.float32)[[1]], np.eye(3, dtype=np.float32))
+    assert s["hit@1"] == 1.0 and s["recall@1"] == 0.5 and s["recall@5"] == 1.0  # two labels

@@ -298,6 +298,33 @@ def read_video_task(spec: TaskSpec, root: str, *, skip_missing: bool = False) ->
                               "key": f"{vid}||{question}"})
             b.local.append([b.cand(n, {"text": t, "key": t}) for n, t in zip(names, texts)])
             b.labels.append([label])
+        elif spec.name == "MomentSeeker":  # clips listed in the row; several positives
+            query_text = str(_first(row, ("query",), spec.name, i))
+            clip_paths = []
+            for field in ("positive_frames", "negative_frames"):
+                for c in row.get(field) or []:
+                    clip_paths.append(str(c["output_path"] if isinstance(c, dict) else c))
+            n_pos = len(row.get("positive_frames") or [])
+            if not n_pos:
+                raise ValueError(f"task {spec.name}: row {i} has no positive_frames")
+            folders = [os.path.join(frames_root, os.path.splitext(c)[0]) for c in clip_paths]
+            inp = str(row.get("input_frames") or "")
+            query = {"text": f"{VIDEO_MRET_INSTRUCTION} {query_text}", "key": f"{inp}||{query_text}"}
+            media = folders[:]
+            if inp.lower().endswith(IMAGE_EXTS):
+                query["images"] = [os.path.join(frames_root, inp)]
+                media.append(query["images"][0])
+            elif inp:
+                media.append(os.path.join(frames_root, os.path.splitext(inp)[0]))
+            if not b.check_media(media, i, "clip"):
+                continue
+            if inp and not inp.lower().endswith(IMAGE_EXTS):
+                query["video"] = choose_frames(media[-1])
+            names = [os.path.splitext(c)[0] for c in clip_paths]
+            b.local.append([b.cand(nm, {"text": VIDEO_CANDIDATE_TEXT, "video": choose_frames(f), "key": nm})
+                            for nm, f in zip(names, folders)])
+            b.queries.append(query)
+            b.labels.append(names[:n_pos])
         else:  # mret: <video>/query/ holds the query frames, the other subfolders are the clips
             vid = _video_id(_first(row, ("video_path", "video", "video_id"), spec.name, i))
             query_text = str(_first(row, ("query", "caption"), spec.name, i))
