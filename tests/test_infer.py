@@ -119,14 +119,19 @@ SHORT_PROMPTS = {"defaults": {"num_frames": 8, "fps": 2},
 
 
 @pytest.fixture(scope="module")
-def reasoner(tmp_path_factory):
-    from embedrl_jax import Reasoner
-
+def reasoner_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("tcot_reasoner")
     tiny_hf_model(seed=3).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     image_processor(min_tokens=4, max_tokens=16).save_pretrained(path)
-    return Reasoner.from_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reasoner(reasoner_path):
+    from embedrl_jax import Reasoner
+
+    return Reasoner.from_pretrained(reasoner_path)
 
 
 @pytest.mark.slow  # ~35 s: compiles the tiny Reasoner's sampler for each prompt shape
@@ -186,3 +191,22 @@ def test_eval_with_reasoner_generates_then_reuses_tcots(reasoner, tmp_path):
     again = evaluate(informative_encode, root, tmp_path / "o", tasks="GQA", model_tag="m",
                      tcot_dir=tmp_path / "o" / "tcot")
     assert again["records"][0]["embedded"] == 0 and again["summary"]["tasks"] == out["summary"]["tasks"]
+
+
+@pytest.mark.slow  # the CLI verb: same file as the API call with the same settings
+def test_tcot_generate_cli_equals_the_api(reasoner_path, reasoner, tmp_path):
+    from embedrl_jax.cli import main
+
+    items = tmp_path / "items.jsonl"
+    items.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("a red circle", "a blue square", "a cat")))
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(SHORT_PROMPTS))
+    assert main(["tcot", "generate", "--reasoner", str(reasoner_path), "--items", str(items), "--out",
+                 str(tmp_path / "cli.jsonl"), "--side", "candidate", "--max-new-tokens", "4", "--prompts", str(prompts),
+                 "batch_size=2", "seed=3"]) == 0
+    _, its = read_items(items)
+    generate_tcots(reasoner, its, tmp_path / "api.jsonl", side="candidate", max_new_tokens=4, seed=3, batch_size=2,
+                   prompts=SHORT_PROMPTS, progress=False)
+    assert (tmp_path / "cli.jsonl").read_text() == (tmp_path / "api.jsonl").read_text()
+    assert main(["tcot", "generate", "--reasoner", str(reasoner_path), "--items", str(items), "--out",
+                 str(tmp_path / "x.jsonl"), "nosuch=1"]) == 2

@@ -26,6 +26,8 @@ def run_mmeb(args) -> int:
         raise FileNotFoundError(f"--data-root {args.data_root}: no such directory")
     if args.tcot and args.reasoner:
         raise ValueError("--tcot and --reasoner exclude each other")
+    if args.tcot and not Path(args.tcot).is_dir():
+        raise FileNotFoundError(f"--tcot {args.tcot}: no such directory")
     encode, tag = _encoder(args)
     reasoner = None
     reasoner_kw = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "seed": args.seed}
@@ -33,10 +35,9 @@ def run_mmeb(args) -> int:
         from ..reason.reasoner import Reasoner
 
         reasoner = Reasoner.from_pretrained(args.reasoner, mesh=_mesh(args.mesh), dtype=args.dtype)
-    if args.tcot and not Path(args.tcot).is_dir():
-        raise FileNotFoundError(f"--tcot {args.tcot}: no such directory")
     meta = {"model_name": Path(args.embedder).name, "model_backbone": "Qwen3-VL",
-            "embedding_dimension": str(args.dim or ""), "data_source": "Self-Reported"}
+            "embedding_dimension": str(args.dim or "full"), "data_source": "Self-Reported",
+            "ndcg_pairing": "official" if args.official_ndcg_pairing else "correct"}
     out = evaluate(encode, args.data_root, args.out, tasks=args.tasks, model_tag=tag,
                    metadata=meta, tcot_dir=args.tcot, reasoner=reasoner, reasoner_kw=reasoner_kw,
                    skip_missing=args.skip_missing, official_pairing=args.official_ndcg_pairing,
