@@ -365,7 +365,7 @@ def exact_topk(queries: np.ndarray, corpus: np.ndarray, k: int, *, mesh=None, qu
     so no device holds the whole pool or the whole score matrix."""
     import jax
 
-    from .sharding import MESH_AXES, MeshConfig, make_mesh
+    from .sharding import MESH_AXES, MeshConfig, make_mesh, to_host
 
     queries = np.asarray(queries, np.float32)
     corpus = np.asarray(corpus, np.float32)
@@ -393,8 +393,8 @@ def exact_topk(queries: np.ndarray, corpus: np.ndarray, k: int, *, mesh=None, qu
         qpad[:rows] = qb
         with jax.set_mesh(mesh):
             v, i = fn(jax.device_put(qpad, NamedSharding(mesh, P())), c, np.int32(n))
-        vals.append(np.asarray(v)[:rows])
-        idx.append(np.asarray(i)[:rows])
+        vals.append(to_host(v)[:rows])  # gathers across hosts in a multi-host run
+        idx.append(to_host(i)[:rows])
     if not vals:
         return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
     return np.concatenate(vals), np.concatenate(idx).astype(np.int64)
