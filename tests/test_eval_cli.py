@@ -12,7 +12,7 @@ from embedrl_jax.eval.readers import read_task
 from embedrl_jax.eval.tasks import TASKS
 from embedrl_jax.eval.toy_set import make_toy_eval_set
 
-pytestmark = pytest.mark.slow  # tiny-model forwards over images and 8-frame videos: ~1 minute
+SLOW = pytest.mark.slow  # tiny-model forwards over images and 8-frame videos: ~1.5 minutes
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +26,7 @@ def embedder_dir(tmp_path_factory):
     return path
 
 
+@SLOW
 def test_eval_mmeb_summarize_encode_search(embedder_dir, tmp_path, capsys):
     root = tmp_path / "toy"
     make_toy_eval_set(root, n=12, size=32)
@@ -71,7 +72,13 @@ def test_eval_mmeb_summarize_encode_search(embedder_dir, tmp_path, capsys):
     assert [r["top"][0]["id"] for r in rows] == ["c0", "c1", "c2"]  # each vector finds itself first
 
 
-def test_cli_errors_name_the_problem(embedder_dir, tmp_path, capsys):
-    assert main(["eval", "mmeb", "--embedder", str(embedder_dir), "--data-root", str(tmp_path / "nope")]) == 2
+def test_toy_set_verb(tmp_path):
+    assert main(["eval", "toy-set", str(tmp_path / "t"), "--n", "4"]) == 0
+    assert json.loads((tmp_path / "t" / "toy_eval.json").read_text())["counts"]["VOC2007"] == 4
+    assert main(["eval", "toy-set", str(tmp_path / "t"), "--n", "5"]) == 2  # another config: refuses
+
+
+def test_cli_errors_name_the_problem(tmp_path, capsys):
+    assert main(["eval", "mmeb", "--embedder", str(tmp_path), "--data-root", str(tmp_path / "nope")]) == 2
     assert "--data-root" in capsys.readouterr().err
     assert main(["eval", "summarize", str(tmp_path / "nope")]) == 2

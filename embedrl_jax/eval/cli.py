@@ -72,6 +72,14 @@ def run_uvrb(args) -> int:
     return 0
 
 
+def run_toy_set(args) -> int:
+    from .toy_set import make_toy_eval_set
+
+    m = make_toy_eval_set(args.dir, n=args.n, seed=args.seed, overwrite=args.overwrite)
+    _say(f"toy evaluation set in {args.dir}: MMEB tasks {', '.join(m['tasks'])}; UVRB {args.dir}/uvrb")
+    return 0
+
+
 def _model_args(p):
     p.add_argument("--embedder", required=True, help="Embedder checkpoint (HF or orbax directory)")
     p.add_argument("--data-root", required=True, help="local copy of the benchmark")
@@ -109,3 +117,9 @@ def add_eval(sub) -> None:
     _model_args(u)
     u.add_argument("--datasets", help="comma-separated dataset names (default: all present)")
     u.set_defaults(run=run_uvrb)
+    t = es.add_parser("toy-set", help="build the bundled toy evaluation set (official layouts, offline)")
+    t.add_argument("dir")
+    t.add_argument("--n", type=int, default=24, help="queries per task (default 24)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--overwrite", action="store_true")
+    t.set_defaults(run=run_toy_set)
