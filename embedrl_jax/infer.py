@@ -455,12 +455,42 @@ def _model_tag(path) -> str:
     return f"{path.name}-{h.hexdigest()[:10]}"
 
 
-def embedder_encoder(path, *, mesh=None, dtype="float32", dim=None, batch_size=16):
-    """(encode function, cache tag) for an Embedder checkpoint."""
+def input_config(pairs: Sequence[str] | None):
+    """An InputConfig from ``key=value`` strings (pixel budgets, frames, text length as trained)."""
+    import dataclasses
+
+    from .data.inputs import InputConfig
+
+    fields = {f.name: f for f in dataclasses.fields(InputConfig)}
+    kw = {}
+    for p in pairs or ():
+        k, sep, v = p.partition("=")
+        if not sep or k not in fields:
+            raise ValueError(f"--input {p!r}: expected key=value with key in {sorted(fields)}")
+        default = getattr(InputConfig(), k)
+        if v.lower() == "none":
+            kw[k] = None
+        elif isinstance(default, bool):
+            kw[k] = v.lower() in ("1", "true", "yes")
+        elif isinstance(default, float):
+            kw[k] = float(v)
+        elif isinstance(default, int) or default is None:  # None: an optional token count
+            kw[k] = int(v)
+        else:
+            kw[k] = v
+    return InputConfig(**kw)
+
+
+def embedder_encoder(path, *, mesh=None, dtype="float32", dim=None, batch_size=16, inputs: Sequence[str] = ()):
+    """(encode function, cache tag) for an Embedder checkpoint; `inputs` are InputConfig overrides
+    (use the budgets the model was trained with), part of the cache tag."""
     from .embed.embedder import Embedder
 
-    emb = Embedder.from_pretrained(path, mesh=mesh, dtype=dtype)
+    cfg = input_config(inputs)
+    emb = Embedder.from_pretrained(path, mesh=mesh, dtype=dtype, input_config=cfg)
     tag = f"{_model_tag(path)}-{dtype}" + (f"-d{dim}" if dim else "")
+    if inputs:
+        tag += "-i" + hashlib.sha1(repr(cfg).encode()).hexdigest()[:8]
     return (lambda items: emb.encode(items, batch_size=batch_size, dim=dim)), tag
 
 
@@ -502,7 +532,7 @@ def _overrides(pairs: Sequence[str], defaults: dict) -> dict:
 
 def run_encode(args) -> int:
     encode, tag = embedder_encoder(args.embedder, mesh=_mesh(args.mesh), dtype=args.dtype, dim=args.dim,
-                                   batch_size=args.batch_size)
+                                   batch_size=args.batch_size, inputs=args.input)
     vecs = encode_items_file(encode, args.items, args.out, tcot=args.tcot, side=args.side, root=args.root, tag=tag)
     faiss = build_faiss(args.out) if not args.no_faiss else False
     _say(f"encode: {vecs.shape[0]} x {vecs.shape[1] if vecs.size else 0} float32 in {args.out}"
@@ -521,7 +551,8 @@ def run_search(args) -> int:
     else:
         if not args.embedder:
             raise ValueError("--queries is an items file: pass --embedder to embed it (or give an encode output folder)")
-        encode, _ = embedder_encoder(args.embedder, mesh=_mesh(args.mesh), dtype=args.dtype, dim=args.dim)
+        encode, _ = embedder_encoder(args.embedder, mesh=_mesh(args.mesh), dtype=args.dtype, dim=args.dim,
+                                     inputs=args.input)
         qids, items = read_items(q, args.root)
         if args.tcot:
             items, _ = attach_tcots(items, load_tcots(args.tcot), "query", source=args.tcot)
@@ -539,6 +570,8 @@ def run_search(args) -> int:
 
 
 def _common(p, model_flag: str | None = None):
+    p.add_argument("--input", action="append", default=[], metavar="KEY=VALUE",
+                   help="Embedder input setting (repeatable), e.g. image_max_tokens=16 num_frames=4")
     p.add_argument("--mesh", metavar="D,F,T", help="device mesh (default: one device; -1 takes the rest)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--root", help="folder that relative media paths resolve against (default: the items file's)")

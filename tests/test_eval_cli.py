@@ -82,3 +82,14 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
     assert main(["eval", "mmeb", "--embedder", str(tmp_path), "--data-root", str(tmp_path / "nope")]) == 2
     assert "--data-root" in capsys.readouterr().err
     assert main(["eval", "summarize", str(tmp_path / "nope")]) == 2
+
+
+def test_input_overrides_parse_into_an_input_config():
+    from embedrl_jax.infer import input_config
+
+    cfg = input_config(["image_min_tokens=4", "image_max_tokens=16", "num_frames=4", "max_text_tokens=none", "video_as_images=true",
+                        "video_fps=1.5", "suffix=Embed:"])
+    assert (cfg.image_max_tokens, cfg.num_frames, cfg.max_text_tokens, cfg.video_as_images, cfg.video_fps,
+            cfg.suffix) == (16, 4, None, True, 1.5, "Embed:")
+    with pytest.raises(ValueError, match="bogus"):
+        input_config(["bogus=1"])

@@ -93,6 +93,13 @@ def test_random_is_near_chance_and_informative_clearly_above(toy, tmp_path):
     assert good["ViDoSeek-doc"] > rand["ViDoSeek-doc"] + 15
 
 
+def test_bundled_oracle_tcots_match_every_item(toy, tmp_path):
+    out = evaluate(informative_encode, toy, tmp_path / "o", model_tag="m", tcot_dir=os.path.join(toy, "tcot"),
+                   log=lambda m: None)
+    for r in out["records"]:
+        assert r["tcot_hits"] == {"query": r["queries"], "candidate": r["candidates"]}, r
+
+
 def test_score_files_aggregate_and_summary(toy, tmp_path):
     out = tmp_path / "out"
     res = evaluate(informative_encode, toy, out, tasks="VOC2007,MSR-VTT,ViDoSeek-doc", model_tag="m",

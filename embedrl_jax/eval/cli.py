@@ -15,7 +15,7 @@ def _encoder(args):
     from ..infer import _mesh, embedder_encoder
 
     return embedder_encoder(args.embedder, mesh=_mesh(args.mesh), dtype=args.dtype, dim=args.dim,
-                            batch_size=args.batch_size)
+                            batch_size=args.batch_size, inputs=args.input)
 
 
 def run_mmeb(args) -> int:
@@ -87,6 +87,8 @@ def _model_args(p):
     p.add_argument("--dim", type=int, help="Matryoshka truncation")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--mesh", metavar="D,F,T", help="device mesh (default one device)")
+    p.add_argument("--input", action="append", default=[], metavar="KEY=VALUE",
+                   help="Embedder input setting (repeatable; the budgets it was trained with), e.g. image_max_tokens=16")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
 
 

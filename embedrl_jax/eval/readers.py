@@ -383,7 +383,9 @@ def read_visdoc_task(spec: TaskSpec, root: str, *, skip_missing: bool = False) -
             _write_bytes(path, img["bytes"])  # parquet rows carry the page: write it once, as the loader does
         if not os.path.exists(path):
             raise TaskFileError(f"task {spec.name}: corpus page {cid}: image {path} does not exist")
-        b.cand(cid, {"text": VISDOC_PAGE_TEXT, "images": [path], "key": path})
+        given_abs = isinstance(img, str) and os.path.isabs(img)
+        key = path if given_abs else os.path.relpath(path, base)  # stable across copies of the data
+        b.cand(cid, {"text": VISDOC_PAGE_TEXT, "images": [path], "key": key})
     grades: dict[str, dict[str, float]] = {}
     for i, row in enumerate(qrels):
         score = float(_need(row, "score", spec.name, i))

@@ -16,7 +16,10 @@ task keys, so the aggregate file marks the other tasks missing as the official f
 - visdoc (BEIR: ``visdoc-tasks/<Task>/{queries,corpus,qrels}/test.jsonl`` + ``images/<id>.png``):
   ``ViDoSeek-doc`` with graded qrels (the page holding the answer 3, the other pages of its
   document 2), documents of 3 pages;
-- UVRB (``uvrb/MSRVTT/UVRB/MSRVTT/{jsonl,videos_frames}``): caption -> clip.
+- UVRB (``uvrb/MSRVTT/UVRB/MSRVTT/{jsonl,videos_frames}``): caption -> clip;
+- ``tcot/<Task>/{query,candidate}.jsonl``: oracle T-CoTs written from the generating factors (boxes
+  of the shapes, keywords, key frames) in the toy training set's T-CoT style, keyed as the official
+  T-CoT files are, for ``embedrl eval mmeb --tcot DIR/tcot``.
 
 Scenes are the toy training set's shapes (circles, squares, triangles in four colours). Output is
 a pure function of the seed; the set is built in a temporary sibling and renamed into place.
@@ -30,14 +33,14 @@ import tempfile
 
 import numpy as np
 
-from ..data.toy import COLORS, DIRECTIONS, SHAPES, _draw_shape
+from ..data.toy import COLORS, DIRECTIONS, SHAPES, _draw_shape, _image_tcot, _text_tcot, _video_tcot
 from ..fsutil import replace_dir
 
 __all__ = ["make_toy_eval_set", "TOY_TASKS", "TOY_UVRB"]
 
 TOY_TASKS = ("VOC2007", "GQA", "MSCOCO_t2i", "MSCOCO_i2t", "RefCOCO", "UCF101", "MSR-VTT", "ViDoSeek-doc")
 TOY_UVRB = ("MSRVTT",)
-VERSION = 1
+VERSION = 2
 N_FRAMES = 12
 
 
@@ -64,6 +67,16 @@ def _scene(rng, objs, size):
     return img, boxes
 
 
+def _b1000(box, w, h):
+    x1, y1, x2, y2 = box
+    return [int(round(x1 * 1000 / w)), int(round(y1 * 1000 / h)), int(round(x2 * 1000 / w)), int(round(y2 * 1000 / h))]
+
+
+def _slots(objs):
+    slots = ["left", "right"] if len(objs) == 2 else ["left", "center", "right"] if len(objs) == 3 else ["center"]
+    return [(c, s, slot) for (c, s), slot in zip(objs, slots)]
+
+
 def _pairs(rng, n):
     combos = [(c, s) for c in COLORS for s in SHAPES]
     return [combos[int(i)] for i in rng.permutation(len(combos))[:n]]
@@ -73,6 +86,16 @@ def _build(root: str, seed: int, n: int, size: int) -> dict:
     rng = np.random.default_rng(seed)
     combos = [(c, s) for c in COLORS for s in SHAPES]
     counts = {}
+    tq: dict[str, dict[str, str]] = {}  # task -> query key -> T-CoT
+    tc: dict[str, dict[str, str]] = {}  # task -> candidate key -> T-CoT
+
+    def cot(table, task, key, text):
+        table.setdefault(task, {})[key] = text
+
+    def label_cot(task, text):
+        words = text.split()
+        cot(tc, task, text, _text_tcot([(words[0], " ".join(words[1:]), "center")] if len(words) > 1
+                                       else [(text, "", "center")], text))
 
     def save(img, task, name):
         rel = f"{task}/{name}.png"
@@ -86,11 +109,16 @@ def _build(root: str, seed: int, n: int, size: int) -> dict:
     rows = []
     for k in range(n):
         color, shape = combos[int(rng.integers(len(combos)))]
-        rel = save(_scene(rng, [(color, shape)], size)[0], "VOC2007", f"q{k:03d}")
+        img, boxes = _scene(rng, [(color, shape)], size)
+        rel = save(img, "VOC2007", f"q{k:03d}")
         pos = f"{color} {shape}"
+        cot(tq, "VOC2007", f"{rel}||", _image_tcot(_slots([(color, shape)]), [_b1000(boxes[0], size, size)],
+                                                      f"a {color} {shape}"))
         rows.append({"qry_inst": "<|image_1|> Represent the given image for classification",
                      "qry_text": "", "qry_img_path": rel, "tgt_inst": "",
                      "tgt_text": [pos] + [lab for lab in labels if lab != pos], "tgt_img_path": [""] * len(labels)})
+    for lab in labels:
+        label_cot("VOC2007", lab)
     _jsonl(os.path.join(root, "MMEB_Test_Instruct", "VOC2007", "test.jsonl"), rows)
     counts["VOC2007"] = len(rows)
 
@@ -100,12 +128,18 @@ def _build(root: str, seed: int, n: int, size: int) -> dict:
         objs = _pairs(rng, 2)
         while objs[0][1] == objs[1][1]:
             objs = _pairs(rng, 2)
-        rel = save(_scene(rng, objs, size)[0], "GQA", f"q{k:03d}")
-        color, shape = objs[int(rng.integers(2))]
+        img, boxes = _scene(rng, objs, size)
+        rel = save(img, "GQA", f"q{k:03d}")
+        j = int(rng.integers(2))
+        color, shape = objs[j]
+        cot(tq, "GQA", f"{rel}||What color is the {shape}?",
+            _image_tcot(_slots([objs[j]]), [_b1000(boxes[j], size, size)], f"the {shape} is {color}"))
         answers = [color] + [c for c in COLORS if c != color]
         rows.append({"qry_inst": "<|image_1|> Represent the given image with the following question:",
                      "qry_text": f"What color is the {shape}?", "qry_img_path": rel, "tgt_inst": "",
                      "tgt_text": answers, "tgt_img_path": [""] * len(answers)})
+    for c in COLORS:
+        cot(tc, "GQA", c, _text_tcot([(c, "", "center")], c))
     _jsonl(os.path.join(root, "MMEB_Test_Instruct", "GQA", "test.jsonl"), rows)
     counts["GQA"] = len(rows)
 
@@ -114,8 +148,14 @@ def _build(root: str, seed: int, n: int, size: int) -> dict:
     for k in range(n):
         objs = _pairs(rng, 2)
         caption = f"a {objs[0][0]} {objs[0][1]} to the left of a {objs[1][0]} {objs[1][1]}"
-        img = _scene(rng, objs, size)[0]
+        img, boxes = _scene(rng, objs, size)
         scenes.append((caption, save(img, "MSCOCO_t2i", f"s{k:03d}"), save(img, "MSCOCO_i2t", f"s{k:03d}")))
+        image_cot = _image_tcot(_slots(objs), [_b1000(b, size, size) for b in boxes], caption)
+        text_cot = _text_tcot(_slots(objs), caption)
+        cot(tq, "MSCOCO_t2i", caption, text_cot)
+        cot(tc, "MSCOCO_t2i", scenes[-1][1], image_cot)
+        cot(tq, "MSCOCO_i2t", f"{scenes[-1][2]}||", image_cot)
+        cot(tc, "MSCOCO_i2t", caption, text_cot)
     t2i, i2t = [], []
     for k, (caption, rel_t2i, rel_i2t) in enumerate(scenes):
         negs = [j for j in rng.permutation(n) if j != k][:7]
@@ -141,10 +181,13 @@ def _build(root: str, seed: int, n: int, size: int) -> dict:
         for j, (box, obj) in enumerate(zip(boxes, objs)):
             crop = img.crop(tuple(max(0, v) for v in box)).resize((32, 32), Image.BICUBIC)
             crops.append((save(crop, "RefCOCO", f"q{k:03d}_crop{j}"), f"{obj[0]} {obj[1]}"))
-        crops_of.append((rel, objs, crops))
+            cot(tc, "RefCOCO", crops[-1][0], _image_tcot(_slots([obj]), [[100, 100, 900, 900]], f"a {obj[0]} {obj[1]}"))
+        crops_of.append((rel, objs, crops, boxes))
     rows = []
-    for k, (rel, objs, crops) in enumerate(crops_of):
+    for k, (rel, objs, crops, boxes) in enumerate(crops_of):
         j = int(rng.integers(3))
+        cot(tq, "RefCOCO", f"{rel}||{crops[j][1]}",
+            _image_tcot(_slots([objs[j]]), [_b1000(boxes[j], size, size)], f"a {crops[j][1]}"))
         other = crops_of[(k + 1) % n][2]
         cands = [crops[j]] + [c for i, c in enumerate(crops) if i != j] + list(other)
         rows.append({"qry_inst": "<|image_1|> Select the portion of the image that isolates the object of the "
@@ -176,7 +219,10 @@ def _build(root: str, seed: int, n: int, size: int) -> dict:
         vid = f"v{k:03d}"
         clip(os.path.join(root, "video-tasks", "frames", "video_cls", "UCF101", vid), color, shape, direction)
         rows.append({"video_id": vid, "pos_text": f"moving {direction}"})
+        cot(tq, "UCF101", vid, _video_tcot(color, shape, direction, f"a {color} {shape} moving {direction}"))
     _jsonl(os.path.join(root, "video-annotations", "UCF101", "test.jsonl"), rows)
+    for d in dirs:
+        cot(tc, "UCF101", f"moving {d}", _text_tcot([("moving", d, "center")], f"moving {d}"))
     with open(os.path.join(root, "video-annotations", "UCF101", "labels.txt"), "w") as f:
         f.write("".join(f"moving {d}\n" for d in dirs))
     counts["UCF101"] = n
@@ -188,6 +234,8 @@ def _build(root: str, seed: int, n: int, size: int) -> dict:
         caption = f"a {color} {shape} moving {direction}"
         clip(os.path.join(root, "video-tasks", "frames", "video_ret", "MSR-VTT", vid), color, shape, direction)
         rows.append({"video_id": vid, "video": f"{vid}.mp4", "caption": caption})
+        cot(tc, "MSR-VTT", vid, _video_tcot(color, shape, direction, caption))
+        cot(tq, "MSR-VTT", caption, _text_tcot([(color, shape, direction)], caption))
         clip(os.path.join(root, "uvrb", "MSRVTT", "UVRB", "MSRVTT", "videos_frames", vid), color, shape, direction)
         uvrb_q.append({"id": f"q{k}", "text": caption})
         uvrb_c.append({"id": f"c{k}", "video": f"{vid}.mp4"})
@@ -221,14 +269,21 @@ def _build(root: str, seed: int, n: int, size: int) -> dict:
             else:
                 draw.rectangle([size * 0.3, size * 0.85, size * 0.7, size * 1.15], outline=COLORS[color], width=3)
             img.save(os.path.join(base, "images", f"{cid}.png"))
+            what = f"a {color} {shape}" if p == answer_page else f"an outlined {color} box"
+            cot(tc, "ViDoSeek-doc", f"images/{cid}.png",
+                _text_tcot([(color, shape if p == answer_page else "box", "center")], f"a report page showing {what}"))
             corpus.append({"corpus-id": cid})
             qrels.append({"query-id": f"q{d}", "corpus-id": cid, "score": 3 if p == answer_page else 2})
         queries.append({"query-id": f"q{d}", "query": f"Which report page shows the {color} {shape}?"})
+        cot(tq, "ViDoSeek-doc", queries[-1]["query"], _text_tcot([(color, shape, "center")], f"a {color} {shape}"))
     qrels.append({"query-id": "q0", "corpus-id": "100", "score": 0})  # score 0: dropped as the loader does
     _jsonl(os.path.join(base, "queries", "test.jsonl"), queries)
     _jsonl(os.path.join(base, "corpus", "test.jsonl"), corpus)
     _jsonl(os.path.join(base, "qrels", "test.jsonl"), qrels)
     counts["ViDoSeek-doc"] = len(queries)
+    for side, table in (("query", tq), ("candidate", tc)):
+        for task, rows in table.items():
+            _jsonl(os.path.join(root, "tcot", task, f"{side}.jsonl"), [{"key": k, "cot": v} for k, v in rows.items()])
     return counts
 
 
