@@ -327,6 +327,11 @@ VERBS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "plan": add_plan,
     "serve": add_serve,
 }
+# corpus inference and evaluation verbs live in their own modules (eval branch)
+from .eval.cli import add_eval  # noqa: E402
+from .infer import add_encode, add_search, add_tcot  # noqa: E402
+
+VERBS.update({"tcot": add_tcot, "encode": add_encode, "search": add_search, "eval": add_eval})
 
 
 def build_parser() -> argparse.ArgumentParser:
