@@ -8,6 +8,8 @@ norm or bias is a no-op (the test oracle's tiny models are perturbed the same wa
 from __future__ import annotations
 
 import json
+import shutil
+import uuid
 from pathlib import Path
 
 import jax
@@ -17,7 +19,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen3VLConfig as HFQwen3VLConfig
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from ..hf import Qwen3VLHandle, save_hf, single_device_mesh
+from .. import safetensors_io as st
+from ..fsutil import replace_dir
+from ..hf import hf_tensors
 from ..models.qwen3_vl.config import Qwen3VLConfig
 from ..models.qwen3_vl.model import init_params, model_def
 
@@ -88,19 +92,26 @@ def tiny_params(mdef, seed: int = 0):
 
 def build_tiny_base(path, seed: int = 0, corpus=None, vocab: int = 1024) -> Path:
     """A toy base as an HF directory: a tiny random Qwen3-VL, a BPE tokenizer trained on the toy
-    corpus (so prompts stay short) with <emb> added, and an image processor. Written atomically."""
+    corpus (so prompts stay short) with <emb> added, and an image processor. Written into a
+    temporary sibling and renamed into place; no collective (process 0 alone builds it)."""
     path = Path(path)
     hf_cfg = tiny_hf_config(vocab=vocab)
     mdef = model_def(Qwen3VLConfig.from_hf_dict(hf_cfg.to_dict()))
-    handle = Qwen3VLHandle(hf_cfg, mdef, tiny_params(mdef, seed), single_device_mesh())
+    params = tiny_params(mdef, seed)
     tok = tiny_tokenizer(corpus, vocab_size=vocab - 16)
     tok.add_tokens(["<emb>"])
-
-    def extra(tmp: Path):
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        st.write_file(tmp / st.SINGLE_NAME, [(k, thunk()) for k, _, _, thunk in hf_tensors(mdef, params)])
+        (tmp / "config.json").write_text(json.dumps(hf_cfg.to_dict(), indent=2, sort_keys=True))
         tok.save_pretrained(tmp)
         image_processor(min_tokens=4, max_tokens=16).save_pretrained(tmp)
-
-    return save_hf(handle, path, overwrite=True, write_extra=extra)
+        replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
 
 
 def toy_corpus(manifest) -> list[str]:
