@@ -39,7 +39,7 @@ from ..hf import Qwen3VLHandle, param_shardings, read_hf_config, save_hf
 from ..models.qwen3_vl.config import Qwen3VLConfig
 from ..models.qwen3_vl.inputs import Buckets
 from ..models.qwen3_vl.model import init_adapters, model_def
-from ..sharding import MeshConfig, make_mesh
+from ..sharding import MeshConfig, data_shard, make_mesh
 from ..toy.base import tiny_hf_config
 from .checkpoint import TrainCheckpointer, abstract_like
 from .metrics import MetricsWriter
@@ -106,7 +106,9 @@ class Trainer:
         self.workdir = Path(workdir)
         self.mesh = mesh if mesh is not None else make_mesh(cfg.mesh)
         self.replicated = NamedSharding(self.mesh, P())
-        self.process = (jax.process_index(), jax.process_count())
+        # (index, count) of this process's data shard: the processes whose devices hold the same batch
+        # rows (tensor groups spanning hosts) load the same samples; elsewhere (process_index, process_count)
+        self.process = data_shard(self.mesh)
         self.frozen: dict = {}
         if not abstract:
             self.workdir.mkdir(parents=True, exist_ok=True)
@@ -267,7 +269,7 @@ class Trainer:
                 raise
             self.state, start = restored, int(data_state["step"])
         it = self.data_iterator(start)
-        writer = MetricsWriter(self.workdir / "metrics.jsonl", resume_step=start, enabled=self.process[0] == 0)
+        writer = MetricsWriter(self.workdir / "metrics.jsonl", resume_step=start, enabled=jax.process_index() == 0)
         lr_fn = schedule(cfg.optim, self.schedule_steps)
         bar = tqdm(range(start, total), initial=start, total=total, disable=not progress, desc=self.desc)
         last = {}

@@ -147,7 +147,7 @@ class SFTTrainer(Trainer):
         super().__init__(cfg, workdir, mesh=mesh, abstract=abstract)
         if cfg.batch_size % (cfg.micro_batches * self.process[1]):
             raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by micro_batches={cfg.micro_batches} "
-                              f"x {self.process[1]} processes")
+                              f"x {self.process[1]} data shards")
         if not abstract:
             self._read_data()
         handle = self.base = self.load_base(cfg.model, self._build_toy_base)
