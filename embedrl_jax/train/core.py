@@ -63,7 +63,9 @@ class TrainerConfig:
     buckets: Buckets = Buckets()  # noqa: RUF009
     compute_dtype: str = "bfloat16"
     base_dtype: str = "float32"  # frozen base weights (full fine-tuning keeps fp32 masters)
-    remat: str | bool = "none"  # none | full | dots | dots_no_batch | offload (true = full, false = none)
+    # none | full | dots | dots_no_batch | offload (true = full, false = none); auto: the target's
+    # default (full on accelerators, none on XLA:CPU), decided by the model from the mesh's devices
+    remat: str | bool = "auto"
     checkpoint_every: int = 50
     keep_checkpoints: int = 3
     async_checkpoints: bool = True
@@ -74,8 +76,8 @@ class TrainerConfig:
     def __post_init__(self):
         if isinstance(self.remat, bool):
             object.__setattr__(self, "remat", "full" if self.remat else "none")
-        if self.remat not in REMAT_POLICIES:
-            raise ConfigError(f"remat: {self.remat!r} is not one of {list(REMAT_POLICIES)} (or true/false)")
+        if self.remat not in REMAT_POLICIES + ("auto",):
+            raise ConfigError(f"remat: {self.remat!r} is not one of {list(REMAT_POLICIES) + ['auto']} (or true/false)")
         for name in ("compute_dtype", "base_dtype"):
             if getattr(self, name) not in FLOAT_DTYPES:
                 raise ConfigError(f"{name}: {getattr(self, name)!r} is not one of {list(FLOAT_DTYPES)}")
