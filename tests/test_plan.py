@@ -259,3 +259,21 @@ def test_unsplittable_batch_is_named_in_the_advice():
     assert "its 6 rows do not divide the 8 batch devices" in plan_lib._help(bad, "temporaries", mesh)
     good = plan_lib.reward_embed_program(from_dict(ReasonerRLConfig, TINY_RL), mesh)
     assert "do not divide" not in plan_lib._help(good, "temporaries", mesh)
+
+
+def test_tpu_target_takes_the_scan_path_without_patching(tmp_path):
+    """The model follows the mesh's platform (models.platform): the same trainer program lowered
+    for compile-only TPU chips rolls its layers into scans (while loops: forward and backward);
+    for the CPU mesh the layers are unrolled (fewer loops, a longer program). Nothing is patched."""
+    cfg = _write(tmp_path, "tiny.json", TINY_EMBEDDER)
+    _, c = plan_lib.load_run_config(cfg)
+    loops = {}
+    for topo in ("v5p:2x2x1", "cpu:4"):
+        target = plan_lib.resolve_target(topo)
+        mesh = plan_lib.build_mesh(plan_lib.parse_mesh("1,-1,1"), target)
+        prog = plan_lib.embedder_train_program(c, mesh)
+        with jax.set_mesh(mesh):
+            text = prog.fn.lower(*prog.args).as_text()
+        loops[target.platform] = (text.count("stablehlo.while"), len(text))
+    assert loops["tpu"][0] > loops["cpu"][0], loops
+    assert loops["tpu"][1] < loops["cpu"][1], loops
