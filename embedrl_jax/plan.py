@@ -210,7 +210,7 @@ def model_shape_config(value: str, key: str):
     from .models.qwen3_vl.config import Qwen3VLConfig, load_preset
 
     if value == "tiny":
-        from .testing import tiny_hf_config
+        from .toy.base import tiny_hf_config
 
         return Qwen3VLConfig.from_hf_dict(tiny_hf_config(vocab=1024).to_dict())
     path = Path(value).expanduser()
@@ -229,17 +229,6 @@ def _struct(shape, dtype, sharding):
     import jax
 
     return jax.ShapeDtypeStruct(tuple(int(s) for s in shape), dtype, sharding=sharding)
-
-
-def abstract_params(mdef, mesh, dtype):
-    """The model's parameters as ShapeDtypeStructs in `dtype`, sharded by their logical axes."""
-    import jax
-
-    from .sharding import tree_shardings
-
-    shapes = mdef.abstract_params()
-    shardings = tree_shardings(mdef.param_axes(), shapes, mesh)
-    return jax.tree.map(lambda s, sh: _struct(s.shape, dtype, sh), shapes, shardings)
 
 
 def _replicated(mesh):
@@ -372,10 +361,6 @@ class Program:
     model_flops: float | None = None  # the model's own work (no remat / GradCache recompute), for MFU
 
 
-def _emb_token_id(mcfg) -> int:
-    return min(151669, mcfg.text.vocab_size - 1)
-
-
 def model_source(value: str, key: str) -> str:
     """A model key as the trainers' abstract model source takes it ("tiny", a directory with
     config.json, a config file, or a preset name): an HF id such as `Qwen/Qwen3-VL-2B-Instruct`
@@ -467,14 +452,25 @@ def _rl_models(cfg):
     return policy, model_shape_config(cfg.embedder, "embedder"), judge
 
 
+_RL_TRAINERS: dict = {}
+
+
 def rl_trainer(cfg, mesh):
-    """The run's `ReasonerRLTrainer` from shapes alone (the toy task's policy is the toy base)."""
+    """The run's `ReasonerRLTrainer` from shapes alone (the toy task's policy is the toy base),
+    built once per (config, mesh) for the four EG-RL programs."""
     from .train.reasoner import ReasonerRLTrainer
 
+    key = (id(cfg), id(mesh))
+    if key in _RL_TRAINERS and _RL_TRAINERS[key][:2] == (cfg, mesh):
+        return _RL_TRAINERS[key][2]
     _rl_models(cfg)  # names an empty or unshapeable model key
     if cfg.toy is not None:
-        return ReasonerRLTrainer(dataclasses.replace(cfg, policy="tiny"), Path("."), mesh=mesh, abstract=True)
-    return abstract_trainer(ReasonerRLTrainer, cfg, mesh, policy=True)
+        trainer = ReasonerRLTrainer(dataclasses.replace(cfg, policy="tiny"), Path("."), mesh=mesh, abstract=True)
+    else:
+        trainer = abstract_trainer(ReasonerRLTrainer, cfg, mesh, policy=True)
+    _RL_TRAINERS.clear()
+    _RL_TRAINERS[key] = (cfg, mesh, trainer)
+    return trainer
 
 
 def _rollout_shape(cfg, mesh, mcfg, tokens):
@@ -542,43 +538,49 @@ def rollout_program(cfg, mesh, tokens=None) -> Program:
                              p_len, vision, t_len, cfg.rollout.temperature, (151645, 151643), hints, {"prompts": prompts})
 
 
+def _frozen_model(cfg, trainer, key: str, dtype: str):
+    """A frozen model of the run (reward Embedder, separate judge) from the trainer's abstract
+    model source: the handle `load_model` would give, as ShapeDtypeStructs on the mesh."""
+    src = "tiny" if cfg.toy is not None else model_source(getattr(cfg, key), key)
+    return trainer.load_base(src, dtype=dtype)
+
+
 def reward_embed_program(cfg, mesh, tokens=None) -> Program:
-    """The frozen Embedder's forward (`embed.embedder.embed_rows`, as `Embedder.encode` jits
-    it) over one batch of `embed_batch_size` rollouts: item + T-CoT (≤ max_new_tokens)."""
+    """The frozen Embedder's forward (`embed.embedder.embed_rows`, jitted as `Embedder.encode`
+    does) over one batch of `embed_batch_size` rollouts: item + T-CoT (≤ max_new_tokens)."""
     import functools
 
     import jax
 
-    from .embed.embedder import embed_rows
-    from .models.qwen3_vl.model import model_def
+    from .embed.embedder import _jitted_embed
 
-    _, emb_cfg, _ = _rl_models(cfg)
-    tid = _emb_token_id(emb_cfg)
-    mdef = model_def(emb_cfg.replace(emb_token_ids=(tid,)))
-    dtype = np.dtype(cfg.embed_dtype)
-    params = abstract_params(mdef, mesh, dtype)
+    trainer = rl_trainer(cfg, mesh)
+    handle = _frozen_model(cfg, trainer, "embedder", cfg.embed_dtype)
+    emb_cfg = handle.model_config
+    mdef = handle.model_def
     rows = cfg.embed_batch_size
     seq = cfg.buckets.seq(text_budget(cfg.embed_inputs, "embed_inputs", tokens, extra=cfg.rollout.max_new_tokens))
     vision = image_rows(cfg.embed_inputs, emb_cfg.vision.merge_unit, cfg.buckets, rows, mesh)
     batch = packed_batch(emb_cfg, mesh, rows, seq, vision)
-    fn = jax.jit(functools.partial(embed_rows, mdef), static_argnames=("dtype",))
     tok = _struct((), np.int32, _replicated(mesh))
-    call = functools.partial(fn, dtype=jax.numpy.dtype(dtype))
+    call = functools.partial(_jitted_embed(mdef), dtype=jax.numpy.dtype(cfg.embed_dtype))
     shapes = {"sequences": rows, "padded_tokens": seq, "patch_rows": vision[0], "patch_row_len": vision[1],
               "calls_per_step": -(-2 * 2 * cfg.rollout.pairs_per_step * cfg.rollout.samples // rows)}
     hints = {"chunks": "embed_batch_size", "frozen_dtype": "embed_dtype"}
-    return Program("reward_embed", jax.jit(call), (params, batch, tok), shapes, rows * seq,
+    return Program("reward_embed", jax.jit(call), (handle.params, batch, tok), shapes, rows * seq,
                    forward_flops(emb_cfg, rows, seq, vision), hints)
 
 
 def judge_program(cfg, mesh, tokens=None) -> Program:
     """The judge: greedy `judge_max_new_tokens` on text prompts of `judge_batch_size` rows, each
-    a query with its reasoning and n + judge_top_k candidate reasonings (≤ max_new_tokens each)."""
-    from .models.qwen3_vl.model import model_def
-
-    policy, _, judge = _rl_models(cfg)
-    mdef = model_def(judge)
-    params = abstract_params(mdef, mesh, np.dtype(cfg.base_dtype))
+    a query with its reasoning and n + judge_top_k candidate reasonings (≤ max_new_tokens each).
+    `judge: null` is the trainer's frozen reference policy, as in a run."""
+    trainer = rl_trainer(cfg, mesh)
+    if cfg.judge is None:
+        mdef, params = trainer.ref_mdef, trainer.ref_params
+    else:
+        handle = _frozen_model(cfg, trainer, "judge", cfg.base_dtype)
+        mdef, params = handle.model_def, handle.params
     cands = cfg.rollout.samples + cfg.reward.judge_top_k
     est = (cands + 1) * cfg.rollout.max_new_tokens + (cands + 1) * 512 + TEMPLATE_TOKENS
     p_len = cfg.buckets.seq(tokens if tokens is not None else est)

@@ -261,6 +261,7 @@ def test_unsplittable_batch_is_named_in_the_advice():
     assert "do not divide" not in plan_lib._help(good, "temporaries", mesh)
 
 
+@pytest.mark.slow
 def test_tpu_target_takes_the_scan_path_without_patching(tmp_path):
     """The model follows the mesh's platform (models.platform): the same trainer program lowered
     for compile-only TPU chips rolls its layers into scans (while loops: forward and backward);
