@@ -1,12 +1,14 @@
 """`embedrl plan`: every jitted program of a run, compiled for a real TPU slice from a CPU host.
 
 Why: whether a config fits a slice is known before paying for it. With libtpu installed,
-`jax.experimental.topologies.get_topology_desc` gives compile-only TPU devices; lowering a
-trainer's own step function on a mesh of them, with `jax.ShapeDtypeStruct` arguments that
-carry the shardings the trainer would give them, runs the real TPU compiler, whose
-`memory_analysis()` and `cost_analysis()` are per chip. Nothing here reads weights or data:
-model shapes come from config.json (a directory's, or the presets in configs/models/), batch
-shapes from the config's batch sizes, token budgets and buckets.
+`jax.experimental.topologies.get_topology_desc` gives compile-only TPU devices. The trainers
+are built on a mesh of them from shapes alone (`abstract=True`: the trainer core's abstract
+model source) and their own `programs()` give the jitted update with its abstract arguments,
+so lowering and compiling runs the real TPU compiler on exactly the program a run compiles;
+`memory_analysis()` and `cost_analysis()` are per chip. The model takes the TPU path because
+it follows the mesh's platform (models.platform), not the host. Nothing here reads weights
+or data: model shapes come from config.json (a directory's, or the presets in
+configs/models/), batch shapes from the config's batch sizes, token budgets and buckets.
 
     embedrl plan --config configs/embedder_2b.json --topology v5p-64 [--slices K] [--mesh D,F,T]
                  [--tokens N] [--json] [key=value ...]
