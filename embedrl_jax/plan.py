@@ -1,12 +1,14 @@
 """`embedrl plan`: every jitted program of a run, compiled for a real TPU slice from a CPU host.
 
 Why: whether a config fits a slice is known before paying for it. With libtpu installed,
-`jax.experimental.topologies.get_topology_desc` gives compile-only TPU devices; lowering a
-trainer's own step function on a mesh of them, with `jax.ShapeDtypeStruct` arguments that
-carry the shardings the trainer would give them, runs the real TPU compiler, whose
-`memory_analysis()` and `cost_analysis()` are per chip. Nothing here reads weights or data:
-model shapes come from config.json (a directory's, or the presets in configs/models/), batch
-shapes from the config's batch sizes, token budgets and buckets.
+`jax.experimental.topologies.get_topology_desc` gives compile-only TPU devices. The trainers
+are built on a mesh of them from shapes alone (`abstract=True`: the trainer core's abstract
+model source) and their own `programs()` give the jitted update with its abstract arguments,
+so lowering and compiling runs the real TPU compiler on exactly the program a run compiles;
+`memory_analysis()` and `cost_analysis()` are per chip. The model takes the TPU path because
+it follows the mesh's platform (models.platform), not the host. Nothing here reads weights
+or data: model shapes come from config.json (a directory's, or the presets in
+configs/models/), batch shapes from the config's batch sizes, token budgets and buckets.
 
     embedrl plan --config configs/embedder_2b.json --topology v5p-64 [--slices K] [--mesh D,F,T]
                  [--tokens N] [--json] [key=value ...]
@@ -17,7 +19,6 @@ jitted function and its abstract arguments; `plan()` compiles each and reports.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -26,9 +27,11 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
+
+from .errors import UserError
 
 GiB = 2**30
 EXIT_DOES_NOT_FIT = 3
@@ -82,7 +85,7 @@ def _grid(chips: int, dims: int) -> str:
     """A chip grid for a power-of-two count, as balanced as the torus allows (32 -> 2x4x4)."""
     e = chips.bit_length() - 1
     if chips < 1 or 2**e != chips:
-        raise ValueError(f"{chips} chips: only powers of two map to a slice grid ({TOPOLOGY_FORMS})")
+        raise UserError(f"{chips} chips: only powers of two map to a slice grid ({TOPOLOGY_FORMS})")
     base, rem = divmod(e, dims)
     exps = [base] * dims
     for i in range(rem):
@@ -99,7 +102,7 @@ def parse_topology(name: str) -> tuple[str, str | None, int | None]:
     if m:
         n = int(m.group(1))
         if n < 1:
-            raise ValueError(f"--topology {name!r}: cpu:N needs N >= 1")
+            raise UserError(f"--topology {name!r}: cpu:N needs N >= 1")
         return "cpu", None, n
     m = re.fullmatch(r"(v\w+?):(\d+(?:x\d+){1,2})", text)
     if m and ALIASES.get(m.group(1), m.group(1)) in CHIPS:
@@ -110,23 +113,23 @@ def parse_topology(name: str) -> tuple[str, str | None, int | None]:
         chip = CHIPS[ALIASES.get(m.group(1), m.group(1))]
         n = int(m.group(2))
         if n % chip.cores_per_chip:
-            raise ValueError(f"--topology {name!r}: {chip.kind} types count TensorCores ({chip.cores_per_chip} per chip)")
+            raise UserError(f"--topology {name!r}: {chip.kind} types count TensorCores ({chip.cores_per_chip} per chip)")
         return "tpu", f"{chip.kind}:{_grid(n // chip.cores_per_chip, chip.grid_dims)}", None
-    raise ValueError(f"unknown topology {name!r}; accepted forms: {TOPOLOGY_FORMS}")
+    raise UserError(f"unknown topology {name!r}; accepted forms: {TOPOLOGY_FORMS}")
 
 
 def resolve_target(name: str, slices: int = 1) -> Target:
     platform, libtpu_name, n_cpu = parse_topology(name)
     if slices < 1:
-        raise ValueError(f"--slices must be >= 1, got {slices}")
+        raise UserError(f"--slices must be >= 1, got {slices}")
     if platform == "cpu":
         import jax
 
         if slices != 1:
-            raise ValueError("--slices applies to TPU topologies only")
+            raise UserError("--slices applies to TPU topologies only")
         have = jax.devices("cpu")
         if len(have) < n_cpu:
-            raise ValueError(f"--topology cpu:{n_cpu} needs {n_cpu} host devices, this process has {len(have)} "
+            raise UserError(f"--topology cpu:{n_cpu} needs {n_cpu} host devices, this process has {len(have)} "
                              f"(start it with XLA_FLAGS=--xla_force_host_platform_device_count={n_cpu})")
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         chip = Chip("cpu", total // n_cpu, None, None, 1, 1)
@@ -140,63 +143,26 @@ def resolve_target(name: str, slices: int = 1) -> Target:
     try:
         topo = topologies.get_topology_desc(topology_name=libtpu_name, platform="tpu", **kw)
     except Exception as e:  # libtpu refuses the grid (or is missing)
-        raise ValueError(f"topology {name!r} ({libtpu_name}): libtpu refused it: {str(e).splitlines()[0]}; "
+        raise UserError(f"topology {name!r} ({libtpu_name}): libtpu refused it: {str(e).splitlines()[0]}; "
                          f"accepted forms: {TOPOLOGY_FORMS}") from None
     return Target(name, "tpu", libtpu_name, list(topo.devices), CHIPS[libtpu_name.split(":")[0]], slices)
 
 
 def build_mesh(mesh_config, target: Target):
-    """The run's (data, fsdp, tensor) mesh over the target's devices.
+    """The run's (data, fsdp, tensor) mesh over the target's devices: `sharding.make_mesh` with
+    `mesh.slices` = the target's slices (data, fsdp and tensor then describe one slice; the
+    slices stack along data over DCN)."""
+    from .sharding import make_mesh
 
-    One slice: `sharding.make_mesh`. Several slices: the slices are laid along the data axis
-    (or fsdp when data does not divide) with `mesh_utils.create_hybrid_device_mesh`.
-    TODO(issue 14): use MeshConfig.slices / sharding.make_mesh once the launch branch has them.
-    """
-    from jax.sharding import AxisType, Mesh
-
-    from .sharding import MESH_AXES, make_mesh
-
-    shape = mesh_config.shape(target.chips)  # says so when the mesh does not multiply to the chip count
-    if target.slices == 1:
-        return make_mesh(mesh_config, devices=target.devices)
-    from jax.experimental import mesh_utils
-
-    k = target.slices
-    dcn = next(([k if j == i else 1 for j in range(3)] for i in (0, 1) if shape[i] % k == 0), None)
-    if dcn is None:
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))}: neither data nor fsdp divides into {k} slices")
-    ici = [s // d for s, d in zip(shape, dcn)]
-    devices = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=target.devices)
-    return Mesh(devices, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
-
-
-@contextlib.contextmanager
-def target_platform(platform: str):
-    """Make the model code take the target's per-platform path while compiling.
-
-    TODO(issue 12 item 2): remove once the model decides the layer loop and attention row
-    chunking from the mesh's platform; until then it asks `jax.default_backend()`, which is
-    the CPU host here, so a TPU compile would get the XLA:CPU graph (unrolled layers,
-    row-chunked attention). This overrides those two decisions, and only them.
-    """
-    from .models.qwen3_vl import layers
-    from .reason import sampler
-
-    if platform == "cpu":
-        yield
-        return
-    saved = layers.unroll_layers, layers.rows_per_step, sampler.unroll_layers
-    layers.unroll_layers = sampler.unroll_layers = lambda: False
-    layers.rows_per_step = lambda rows, row_score_bytes: rows
     try:
-        yield
-    finally:
-        layers.unroll_layers, layers.rows_per_step, sampler.unroll_layers = saved
+        return make_mesh(dataclasses.replace(mesh_config, slices=target.slices), devices=target.devices)
+    except ValueError as e:  # the mesh does not multiply to the chips, or slices do not match
+        raise UserError(f"--topology {target.name}: {e}") from None
 
 
 # ------------------------------------------------------------------ configs and model shapes
 def _kinds():
-    from .rl.trainer import ReasonerRLConfig
+    from .train.reasoner import ReasonerRLConfig
     from .train.embedder import EmbedderTrainConfig
     from .train.sft import SFTConfig
 
@@ -215,7 +181,7 @@ def load_run_config(path: str, overrides=()):
         try:
             raw = json.loads(p.read_text())
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON: {e}") from None
+            raise UserError(f"{path}: invalid JSON: {e}") from None
     loaded, errors = {}, []
     for kind, (cls, marker) in _kinds().items():
         try:
@@ -225,12 +191,12 @@ def load_run_config(path: str, overrides=()):
             continue
         loaded[kind] = (cfg, marker)
     if not loaded:
-        raise ValueError(f"{path} is not a train-embedder, sft-reasoner or train-reasoner config:\n  " + "\n  ".join(errors))
+        raise UserError(f"{path} is not a train-embedder, sft-reasoner or train-reasoner config:\n  " + "\n  ".join(errors))
     if len(loaded) > 1:
         keys = set(raw or {})
         marked = [k for k, (_, marker) in loaded.items() if marker in keys]
         if len(marked) != 1:
-            raise ValueError(f"{path} loads as several run configs ({sorted(loaded)}); add the key that names its "
+            raise UserError(f"{path} loads as several run configs ({sorted(loaded)}); add the key that names its "
                              f"kind ({', '.join(f'{k}: {m}' for k, (_, m) in loaded.items())})")
         loaded = {marked[0]: loaded[marked[0]]}
     kind, (cfg, _) = next(iter(loaded.items()))
@@ -246,7 +212,7 @@ def model_shape_config(value: str, key: str):
     from .models.qwen3_vl.config import Qwen3VLConfig, load_preset
 
     if value == "tiny":
-        from .testing import tiny_hf_config
+        from .toy.base import tiny_hf_config
 
         return Qwen3VLConfig.from_hf_dict(tiny_hf_config(vocab=1024).to_dict())
     path = Path(value).expanduser()
@@ -256,7 +222,7 @@ def model_shape_config(value: str, key: str):
     try:
         return load_preset(name)
     except ValueError as e:
-        raise ValueError(f"config key {key}={value!r}: the planner cannot shape it: no config.json there and "
+        raise UserError(f"config key {key}={value!r}: the planner cannot shape it: no config.json there and "
                          f"no preset {name!r} ({e}); give a directory with config.json or a preset name") from None
 
 
@@ -265,34 +231,6 @@ def _struct(shape, dtype, sharding):
     import jax
 
     return jax.ShapeDtypeStruct(tuple(int(s) for s in shape), dtype, sharding=sharding)
-
-
-def abstract_params(mdef, mesh, dtype):
-    """The model's parameters as ShapeDtypeStructs in `dtype`, sharded by their logical axes."""
-    import jax
-
-    from .sharding import tree_shardings
-
-    shapes = mdef.abstract_params()
-    shardings = tree_shardings(mdef.param_axes(), shapes, mesh)
-    return jax.tree.map(lambda s, sh: _struct(s.shape, dtype, sh), shapes, shardings)
-
-
-def _as_dtype(tree, dtype):
-    import jax
-
-    return jax.tree.map(lambda s: _struct(s.shape, dtype, s.sharding), tree)
-
-
-def abstract_state(trainable, optimizer, mesh):
-    """{step, params, opt_state} as the trainers' `place_state` lays it out, from shapes only."""
-    import jax
-
-    from .train.state import init_state, state_shardings
-
-    shapes = jax.eval_shape(lambda t: init_state(t, optimizer), trainable)
-    shardings = state_shardings(shapes, trainable, jax.tree.map(lambda s: s.sharding, trainable), mesh)
-    return jax.tree.map(lambda s, sh: _struct(s.shape, s.dtype, sh), shapes, shardings), shardings
 
 
 def _replicated(mesh):
@@ -372,7 +310,7 @@ def text_budget(inputs, key: str, tokens: int | None, extra: int = 0) -> int:
     if tokens is not None:
         return tokens
     if inputs.max_text_tokens is None:
-        raise ValueError(f"config key {key}.max_text_tokens is null: the planner cannot shape the text without "
+        raise UserError(f"config key {key}.max_text_tokens is null: the planner cannot shape the text without "
                          "reading data; set it or pass --tokens N")
     return vision_tokens(inputs) + inputs.max_text_tokens + TEMPLATE_TOKENS + extra
 
@@ -425,56 +363,48 @@ class Program:
     model_flops: float | None = None  # the model's own work (no remat / GradCache recompute), for MFU
 
 
-def _emb_token_id(mcfg) -> int:
-    return min(151669, mcfg.text.vocab_size - 1)
+def model_source(value: str, key: str) -> str:
+    """A model key as the trainers' abstract model source takes it ("tiny", a directory with
+    config.json, a config file, or a preset name): an HF id such as `Qwen/Qwen3-VL-2B-Instruct`
+    becomes the preset of its last path part; anything else the planner cannot shape is named."""
+    if value == "tiny" or (Path(value).expanduser() / "config.json").is_file():
+        return value
+    model_shape_config(value, key)  # raises, naming the key, when there is no preset
+    return re.sub(r"[^a-z0-9]+", "_", Path(value).name.lower()).strip("_")
 
 
-def _lora_trainable(mdef, mesh):
-    from . import lora as lora_lib
+def abstract_trainer(cls, cfg, mesh, **sources):
+    """The run's trainer built from shapes alone (`abstract=True`): no weights, data or workdir."""
+    cfg = dataclasses.replace(cfg, **{k: model_source(getattr(cfg, k), k) for k in sources})
+    return cls(cfg, Path("."), mesh=mesh, abstract=True)
 
-    return lora_lib.split(abstract_params(mdef, mesh, np.float32))[0]
+
+def _update(trainer, **dims):
+    fn, args = trainer.programs(**dims)["update"]
+    return fn, args
 
 
 def embedder_train_program(cfg, mesh, tokens=None) -> Program:
-    """train/embedder.py `make_update` as `EmbedderTrainer` jits it."""
-    import jax
+    """`EmbedderTrainer`'s jitted update (train/embedder.py), built by the trainer from shapes."""
+    from .train.embedder import EmbedderTrainer
 
-    from .models.qwen3_vl.model import model_def
-    from .train.embedder import make_update
-    from .train.state import make_optimizer
-
-    mcfg = model_shape_config(cfg.model, "model")
-    tid = _emb_token_id(mcfg)
-    mdef = model_def(mcfg.replace(emb_token_ids=(tid,)), cfg.lora)
-    base = abstract_params(model_def(mcfg), mesh, np.dtype(cfg.base_dtype))
-    if cfg.lora is not None:
-        trainable, frozen = _lora_trainable(mdef, mesh), base
-    else:
-        trainable = _as_dtype({k: v for k, v in base.items() if k != "lm_head"}, np.float32)
-        frozen = {k: v for k, v in base.items() if k == "lm_head"}
-    trainable = {"model": trainable}
-    if cfg.learn_logit_scale:
-        trainable["log_scale"] = _struct((), np.float32, _replicated(mesh))
-    optimizer = make_optimizer(cfg.optim, cfg.steps)
-    state, state_sh = abstract_state(trainable, optimizer, mesh)
     pairs = cfg.data.sub_batch_size * cfg.data.sub_batches_per_batch
     chunks = cfg.grad_cache_chunks
     if pairs % chunks:
-        raise ValueError(f"config key grad_cache_chunks={chunks} does not divide the {pairs} pairs of a step")
+        raise UserError(f"config key grad_cache_chunks={chunks} does not divide the {pairs} pairs of a step")
+    trainer = abstract_trainer(EmbedderTrainer, cfg, mesh, model=True)
+    mcfg = trainer.mdef.config
     b = pairs // chunks
     seq = cfg.buckets.seq(text_budget(cfg.inputs, "inputs", tokens))
     vision = image_rows(cfg.inputs, mcfg.vision.merge_unit, cfg.buckets, b, mesh)
-    q = packed_batch(mcfg, mesh, b, seq, vision, lead=(chunks,))
-    p = packed_batch(mcfg, mesh, b, seq, vision, lead=(chunks,))
-    fn = jax.jit(make_update(mdef, optimizer, cfg, tid),
-                 in_shardings=(state_sh, jax.tree.map(lambda s: s.sharding, frozen), None, None, None),
-                 out_shardings=(state_sh, _replicated(mesh)), donate_argnums=(0,))
+    fn, args = _update(trainer, pairs=pairs, seq=seq, vision=vision)
+    remat = cfg.remat != "none"
     fwd = 2 * forward_flops(mcfg, pairs, seq, (vision[0] * chunks, vision[1]))  # both towers
-    mult = train_multiplier(cfg.lora is None, cfg.remat) + (1.0 if chunks > 1 else 0.0)  # GradCache: a 2nd forward
+    mult = train_multiplier(cfg.lora is None, remat) + (1.0 if chunks > 1 else 0.0)  # GradCache: a 2nd forward
     shapes = {"pairs": pairs, "sequences": 2 * pairs, "grad_cache_chunks": chunks, "pairs_per_chunk": b,
               "padded_tokens": seq, "patch_rows": 2 * vision[0] * chunks, "patch_row_len": vision[1]}
-    hints = {"chunks": "grad_cache_chunks", "frozen_dtype": "base_dtype", **({} if cfg.remat else {"remat": "remat"})}
-    return Program("embedder_train_step", fn, (state, frozen, q, p, abstract_key(mesh)), shapes,
+    hints = {"chunks": "grad_cache_chunks", "frozen_dtype": "base_dtype", **({} if remat else {"remat": "remat"})}
+    return Program("embedder_train_step", fn, args, shapes,
                    2 * pairs * seq, fwd * mult, hints, fwd * train_multiplier(cfg.lora is None, False))
 
 
@@ -487,40 +417,26 @@ def _prompt_tokens(inputs, max_prompt_tokens: int, tokens):
 
 
 def sft_train_program(cfg, mesh, tokens=None) -> Program:
-    """train/sft.py `make_update` as `SFTTrainer` jits it: [micro_batches, R, P + T] sequences."""
-    import jax
+    """`SFTTrainer`'s jitted update (train/sft.py): [micro_batches, R, P + T] sequences."""
+    from .train.sft import SFTTrainer
 
-    from .models.qwen3_vl.model import model_def
-    from .train.sft import make_update
-    from .train.state import make_optimizer
-
-    mcfg = model_shape_config(cfg.model, "model")
-    mdef = model_def(mcfg, cfg.lora)
-    base = abstract_params(model_def(mcfg), mesh, np.dtype(cfg.base_dtype))
-    if cfg.lora is not None:
-        trainable, frozen = _lora_trainable(mdef, mesh), base
-    else:
-        trainable, frozen = _as_dtype(base, np.float32), {}
-    optimizer = make_optimizer(cfg.optim, cfg.steps)
-    state, state_sh = abstract_state({"model": trainable}, optimizer, mesh)
     m = cfg.micro_batches
     if cfg.batch_size % m:
-        raise ValueError(f"config key micro_batches={m} does not divide batch_size={cfg.batch_size}")
+        raise UserError(f"config key micro_batches={m} does not divide batch_size={cfg.batch_size}")
+    trainer = abstract_trainer(SFTTrainer, cfg, mesh, model=True)
+    mcfg = trainer.mdef.config
     r = cfg.batch_size // m
     p_len = cfg.buckets.seq(_prompt_tokens(cfg.inputs, cfg.max_prompt_tokens, tokens))
     t_len = min(cfg.buckets.seq(cfg.max_completion_tokens), cfg.max_completion_tokens)
     vision = image_rows(cfg.inputs, mcfg.vision.merge_unit, cfg.buckets, r, mesh)
-    batch = packed_batch(mcfg, mesh, r, p_len + t_len, vision, lead=(m,),
-                         extra={"mask": ((r, t_len), "int32", ("batch", None))})
-    fn = jax.jit(make_update(mdef, optimizer, cfg),
-                 in_shardings=(state_sh, jax.tree.map(lambda s: s.sharding, frozen), None, None),
-                 out_shardings=(state_sh, _replicated(mesh)), donate_argnums=(0,))
+    fn, args = _update(trainer, samples=cfg.batch_size, prompt=p_len, completion=t_len, vision=vision)
+    remat = cfg.remat != "none"
     fwd = m * forward_flops(mcfg, r, p_len + t_len, vision, head_tokens=r * t_len)
     shapes = {"sequences": cfg.batch_size, "micro_batches": m, "prompt_tokens": p_len, "completion_tokens": t_len,
               "padded_tokens": p_len + t_len, "patch_rows": vision[0] * m, "patch_row_len": vision[1]}
-    hints = {"chunks": "micro_batches", "frozen_dtype": "base_dtype", **({} if cfg.remat else {"remat": "remat"})}
-    return Program("sft_train_step", fn, (state, frozen, batch, abstract_key(mesh)), shapes,
-                   cfg.batch_size * (p_len + t_len), fwd * train_multiplier(cfg.lora is None, cfg.remat), hints,
+    hints = {"chunks": "micro_batches", "frozen_dtype": "base_dtype", **({} if remat else {"remat": "remat"})}
+    return Program("sft_train_step", fn, args, shapes,
+                   cfg.batch_size * (p_len + t_len), fwd * train_multiplier(cfg.lora is None, remat), hints,
                    fwd * train_multiplier(cfg.lora is None, False))
 
 
@@ -531,21 +447,32 @@ def _rl_models(cfg):
         return tiny, tiny, tiny
     for key in ("policy", "embedder"):
         if not getattr(cfg, key):
-            raise ValueError(f"config key {key} is empty: the planner needs the model's architecture "
+            raise UserError(f"config key {key} is empty: the planner needs the model's architecture "
                              "(a directory with config.json or a preset name)")
     policy = model_shape_config(cfg.policy, "policy")
     judge = model_shape_config(cfg.judge, "judge") if cfg.judge else policy
     return policy, model_shape_config(cfg.embedder, "embedder"), judge
 
 
-def _rl_params(cfg, mdef, ref_mdef, mesh):
-    """(trainable, frozen, reference) abstract params as `ReasonerRLTrainer` holds them."""
-    base = abstract_params(ref_mdef, mesh, np.dtype(cfg.base_dtype))
-    if cfg.lora is not None:
-        return _lora_trainable(mdef, mesh), base, base
-    judge_is_ref = cfg.reward.use_judge and cfg.judge is None
-    ref = base if (cfg.grpo.kl_coef or judge_is_ref) else {}
-    return _as_dtype(base, np.float32), {}, ref
+_RL_TRAINERS: dict = {}
+
+
+def rl_trainer(cfg, mesh):
+    """The run's `ReasonerRLTrainer` from shapes alone (the toy task's policy is the toy base),
+    built once per (config, mesh) for the four EG-RL programs."""
+    from .train.reasoner import ReasonerRLTrainer
+
+    key = (id(cfg), id(mesh))
+    if key in _RL_TRAINERS and _RL_TRAINERS[key][:2] == (cfg, mesh):
+        return _RL_TRAINERS[key][2]
+    _rl_models(cfg)  # names an empty or unshapeable model key
+    if cfg.toy is not None:
+        trainer = ReasonerRLTrainer(dataclasses.replace(cfg, policy="tiny"), Path("."), mesh=mesh, abstract=True)
+    else:
+        trainer = abstract_trainer(ReasonerRLTrainer, cfg, mesh, policy=True)
+    _RL_TRAINERS.clear()
+    _RL_TRAINERS[key] = (cfg, mesh, trainer)
+    return trainer
 
 
 def _rollout_shape(cfg, mesh, mcfg, tokens):
@@ -555,56 +482,39 @@ def _rollout_shape(cfg, mesh, mcfg, tokens):
 
 
 def grpo_update_program(cfg, mesh, tokens=None) -> Program:
-    """rl/trainer.py `make_grpo_update` as `ReasonerRLTrainer` jits it: M mini-batches of
-    R = 2B·n / M rollouts, each a prompt (left padded to the bucket) + max_new_tokens."""
-    import jax
-
-    from .models.qwen3_vl.model import model_def
-    from .rl.trainer import RL_AXES, make_grpo_update
-    from .train.state import make_optimizer
-
-    policy, _, _ = _rl_models(cfg)
-    mdef, ref_mdef = model_def(policy, cfg.lora), model_def(policy)
-    trainable, frozen, ref = _rl_params(cfg, mdef, ref_mdef, mesh)
-    optimizer = make_optimizer(cfg.optim, cfg.steps * cfg.grpo.mini_batches)
-    state, state_sh = abstract_state(trainable, optimizer, mesh)
+    """`ReasonerRLTrainer`'s jitted GRPO update (train/reasoner.py), built by the trainer from
+    shapes: M mini-batches of R = 2B·n / M rollouts, each a prompt (left padded to the bucket)
+    + max_new_tokens."""
+    trainer = rl_trainer(cfg, mesh)
+    policy = trainer.mdef.config
     prompts, p_len, t_len = _rollout_shape(cfg, mesh, policy, tokens)
     m, n = cfg.grpo.mini_batches, cfg.rollout.samples
     if prompts % m:
-        raise ValueError(f"config key grpo.mini_batches={m} does not divide the {prompts} prompts of a step")
+        raise UserError(f"config key grpo.mini_batches={m} does not divide the {prompts} prompts of a step")
     r = prompts // m * n
     vision = image_rows(cfg.inputs, policy.vision.merge_unit, cfg.buckets, prompts // m, mesh)
-    extra = {"completion_mask": ((r, t_len), "bool", RL_AXES["completion_mask"][1:]),
-             "sample_logp": ((r, t_len), "float32", RL_AXES["sample_logp"][1:]),
-             "advantages": ((r,), "float32", RL_AXES["advantages"][1:])}
-    mb = packed_batch(policy, mesh, r, p_len + t_len, vision, lead=(m,), extra=extra)
-    sh = lambda t: jax.tree.map(lambda s: s.sharding, t)  # noqa: E731
-    fn = jax.jit(make_grpo_update(mdef, ref_mdef, optimizer, cfg),
-                 in_shardings=(state_sh, sh(frozen), sh(ref), None),
-                 out_shardings=(state_sh, _replicated(mesh)), donate_argnums=(0,))
+    fn, args = _update(trainer, prompts=prompts, prompt=p_len, vision=vision)
+    remat = cfg.remat != "none"
     fwd = m * forward_flops(policy, r, p_len + t_len, vision, head_tokens=r * t_len)
-    passes = train_multiplier(cfg.lora is None, cfg.remat) + (1.0 if cfg.grpo.kl_coef else 0.0) + (1.0 if m > 1 else 0.0)
+    passes = train_multiplier(cfg.lora is None, remat) + (1.0 if cfg.grpo.kl_coef else 0.0) + (1.0 if m > 1 else 0.0)
     shapes = {"rollouts": prompts * n, "mini_batches": m, "rows_per_mini_batch": r, "prompt_tokens": p_len,
               "completion_tokens": t_len, "padded_tokens": p_len + t_len, "patch_rows": vision[0] * m,
               "patch_row_len": vision[1]}
     hints = {"chunks": "grpo.mini_batches", "frozen_dtype": "base_dtype", "bucket": "rollout.max_prompt_tokens",
-             **({} if cfg.remat else {"remat": "remat"})}
-    return Program("grpo_update", fn, (state, frozen, ref, mb), shapes, prompts * n * (p_len + t_len), fwd * passes,
-                   hints, fwd * (passes - (1.0 if cfg.remat else 0.0)))
+             **({} if remat else {"remat": "remat"})}
+    return Program("grpo_update", fn, args, shapes, prompts * n * (p_len + t_len), fwd * passes,
+                   hints, fwd * (passes - (1.0 if remat else 0.0)))
 
 
 def _generate_program(name, mdef, params, mesh, rows, p_len, vision, new_tokens, temperature, eos_ids, hints,
                       lead_note):
-    import jax
-
+    """reason/sampler.py's jitted prefill + decode loop; its layer loop follows the mesh the
+    program is traced under (compile_program traces inside `jax.set_mesh(mesh)`)."""
     from .reason.sampler import jitted_generate
-
-    platform = mesh.devices.flat[0].platform
-    with target_platform(platform):  # the sampler picks its layer loop when the function is built
-        fn = jitted_generate(mdef, new_tokens, eos_ids, temperature, 0, 1.0)
-    batch = packed_batch(mdef.config, mesh, rows, p_len, vision)
     from .sharding import named_sharding
 
+    fn = jitted_generate(mdef, new_tokens, eos_ids, temperature, 0, 1.0)
+    batch = packed_batch(mdef.config, mesh, rows, p_len, vision)
     deltas = _struct((rows,), np.int32, named_sharding(("batch",), (rows,), mesh))
     cfg_t = mdef.config.text
     decode = 2.0 * sum(matmul_params(mdef.config)[::2]) * rows * new_tokens  # decoder + LM head per new token
@@ -619,59 +529,60 @@ def _generate_program(name, mdef, params, mesh, rows, p_len, vision, new_tokens,
 
 
 def rollout_program(cfg, mesh, tokens=None) -> Program:
-    """reason/sampler.py's jitted prefill + KV-cache decode loop (one program) on the live
-    policy, for the step's 2B prompts × n samples (vision rows shared by a prompt's samples)."""
-    from . import lora as lora_lib
-    from .models.qwen3_vl.model import model_def
-
-    policy, _, _ = _rl_models(cfg)
-    mdef, ref_mdef = model_def(policy, cfg.lora), model_def(policy)
-    trainable, frozen, _ = _rl_params(cfg, mdef, ref_mdef, mesh)
-    params = lora_lib.combine(trainable, frozen) if frozen else trainable
+    """reason/sampler.py's jitted prefill + KV-cache decode loop (one program) on the trainer's
+    live policy (`policy_params()`), for the step's 2B prompts × n samples."""
+    trainer = rl_trainer(cfg, mesh)
+    policy = trainer.mdef.config
     prompts, p_len, t_len = _rollout_shape(cfg, mesh, policy, tokens)
     vision = image_rows(cfg.inputs, policy.vision.merge_unit, cfg.buckets, prompts, mesh)
     hints = {"chunks": "rollout.pairs_per_step", "bucket": "rollout.max_prompt_tokens", "frozen_dtype": "base_dtype"}
-    return _generate_program("rollout", mdef, params, mesh, prompts * cfg.rollout.samples, p_len, vision, t_len,
-                             cfg.rollout.temperature, (151645, 151643), hints, {"prompts": prompts})
+    return _generate_program("rollout", trainer.mdef, trainer.policy_params(), mesh, prompts * cfg.rollout.samples,
+                             p_len, vision, t_len, cfg.rollout.temperature, (151645, 151643), hints, {"prompts": prompts})
+
+
+def _frozen_model(cfg, trainer, key: str, dtype: str):
+    """A frozen model of the run (reward Embedder, separate judge) from the trainer's abstract
+    model source: the handle `load_model` would give, as ShapeDtypeStructs on the mesh."""
+    src = "tiny" if cfg.toy is not None else model_source(getattr(cfg, key), key)
+    return trainer.load_base(src, dtype=dtype)
 
 
 def reward_embed_program(cfg, mesh, tokens=None) -> Program:
-    """The frozen Embedder's forward (`embed.embedder.embed_rows`, as `Embedder.encode` jits
-    it) over one batch of `embed_batch_size` rollouts: item + T-CoT (≤ max_new_tokens)."""
+    """The frozen Embedder's forward (`embed.embedder.embed_rows`, jitted as `Embedder.encode`
+    does) over one batch of `embed_batch_size` rollouts: item + T-CoT (≤ max_new_tokens)."""
     import functools
 
     import jax
 
-    from .embed.embedder import embed_rows
-    from .models.qwen3_vl.model import model_def
+    from .embed.embedder import _jitted_embed
 
-    _, emb_cfg, _ = _rl_models(cfg)
-    tid = _emb_token_id(emb_cfg)
-    mdef = model_def(emb_cfg.replace(emb_token_ids=(tid,)))
-    dtype = np.dtype(cfg.embed_dtype)
-    params = abstract_params(mdef, mesh, dtype)
+    trainer = rl_trainer(cfg, mesh)
+    handle = _frozen_model(cfg, trainer, "embedder", cfg.embed_dtype)
+    emb_cfg = handle.model_config
+    mdef = handle.model_def
     rows = cfg.embed_batch_size
     seq = cfg.buckets.seq(text_budget(cfg.embed_inputs, "embed_inputs", tokens, extra=cfg.rollout.max_new_tokens))
     vision = image_rows(cfg.embed_inputs, emb_cfg.vision.merge_unit, cfg.buckets, rows, mesh)
     batch = packed_batch(emb_cfg, mesh, rows, seq, vision)
-    fn = jax.jit(functools.partial(embed_rows, mdef), static_argnames=("dtype",))
     tok = _struct((), np.int32, _replicated(mesh))
-    call = functools.partial(fn, dtype=jax.numpy.dtype(dtype))
+    call = functools.partial(_jitted_embed(mdef), dtype=jax.numpy.dtype(cfg.embed_dtype))
     shapes = {"sequences": rows, "padded_tokens": seq, "patch_rows": vision[0], "patch_row_len": vision[1],
               "calls_per_step": -(-2 * 2 * cfg.rollout.pairs_per_step * cfg.rollout.samples // rows)}
     hints = {"chunks": "embed_batch_size", "frozen_dtype": "embed_dtype"}
-    return Program("reward_embed", jax.jit(call), (params, batch, tok), shapes, rows * seq,
+    return Program("reward_embed", jax.jit(call), (handle.params, batch, tok), shapes, rows * seq,
                    forward_flops(emb_cfg, rows, seq, vision), hints)
 
 
 def judge_program(cfg, mesh, tokens=None) -> Program:
     """The judge: greedy `judge_max_new_tokens` on text prompts of `judge_batch_size` rows, each
-    a query with its reasoning and n + judge_top_k candidate reasonings (≤ max_new_tokens each)."""
-    from .models.qwen3_vl.model import model_def
-
-    policy, _, judge = _rl_models(cfg)
-    mdef = model_def(judge)
-    params = abstract_params(mdef, mesh, np.dtype(cfg.base_dtype))
+    a query with its reasoning and n + judge_top_k candidate reasonings (≤ max_new_tokens each).
+    `judge: null` is the trainer's frozen reference policy, as in a run."""
+    trainer = rl_trainer(cfg, mesh)
+    if cfg.judge is None:
+        mdef, params = trainer.ref_mdef, trainer.ref_params
+    else:
+        handle = _frozen_model(cfg, trainer, "judge", cfg.base_dtype)
+        mdef, params = handle.model_def, handle.params
     cands = cfg.rollout.samples + cfg.reward.judge_top_k
     est = (cands + 1) * cfg.rollout.max_new_tokens + (cands + 1) * 512 + TEMPLATE_TOKENS
     p_len = cfg.buckets.seq(tokens if tokens is not None else est)
@@ -824,7 +735,7 @@ def _help(prog: Program | None, big: str, mesh) -> str:
             ideas.append(f"bf16 frozen weights ({h['frozen_dtype']}=bfloat16)")
     else:
         if "remat" in h:
-            ideas.append(f"a remat policy ({h['remat']}=true)")
+            ideas.append(f"a remat policy ({h['remat']}=full or dots)")
         if "chunks" in h:
             ideas.append(f"fewer sequences per chip (raise {h['chunks']})" if h["chunks"] in
                          ("grad_cache_chunks", "micro_batches", "grpo.mini_batches") else
@@ -843,7 +754,7 @@ def compile_program(prog: Program, target: Target, mesh, hlo_dir: str | None = N
            "model_flops_per_chip": (prog.model_flops or prog.analytic_flops) / target.chips}
     t0 = time.perf_counter()
     try:
-        with target_platform(target.platform), jax.set_mesh(mesh):
+        with jax.set_mesh(mesh):  # the model takes the mesh's platform path (models.platform)
             compiled = prog.fn.lower(*prog.args).compile()
     except Exception as e:  # noqa: BLE001 - reported, not raised (a failed compile is a finding)
         rep["error"] = f"{type(e).__name__}: {e}"[:4000]
@@ -890,18 +801,19 @@ def _estimates(rep: dict, target: Target) -> dict:
     return out
 
 
-def plan(config: str, topology: str, *, slices: int = 1, mesh: str | None = None, tokens: int | None = None,
+def plan(config: str, topology: str, *, slices: int | None = None, mesh: str | None = None, tokens: int | None = None,
          overrides=(), progress: Callable[[str], None] | None = None, hlo_dir: str | None = None) -> dict:
-    """Build and compile every program of a run for a target; returns the JSON report."""
+    """Build and compile every program of a run for a target; returns the JSON report.
+
+    `slices` None: the config's mesh.slices. `mesh` "D,F,T" (default the config's mesh) is one
+    slice's mesh, as mesh.data/fsdp/tensor are; the slices stack along data."""
     import jax
 
-    from .sharding import MeshConfig
-
     if tokens is not None and tokens < 1:
-        raise ValueError(f"--tokens must be >= 1, got {tokens}")
+        raise UserError(f"--tokens must be >= 1, got {tokens}")
     kind, cfg = load_run_config(config, overrides)
-    target = resolve_target(topology, slices)
     mesh_cfg = parse_mesh(mesh) if mesh else cfg.mesh
+    target = resolve_target(topology, mesh_cfg.slices if slices is None else slices)
     m = build_mesh(mesh_cfg, target)
     report = {"topology": topology, "libtpu_topology": target.libtpu_name, "platform": target.platform,
               "chip": target.chip.kind, "chips": target.chips, "hosts": target.hosts, "slices": target.slices,
@@ -950,7 +862,7 @@ def parse_mesh(text: str):
     except ValueError:
         dims = []
     if len(dims) != 3:
-        raise ValueError(f"--mesh {text!r}: expected three comma-separated sizes data,fsdp,tensor (e.g. 1,-1,1)")
+        raise UserError(f"--mesh {text!r}: expected three comma-separated sizes data,fsdp,tensor (e.g. 1,-1,1)")
     return MeshConfig(*dims)
 
 
@@ -1000,8 +912,8 @@ def add_parser(sub) -> None:
                                    "program fits, 3 otherwise.")
     p.add_argument("--config", required=True, help="train-embedder, sft-reasoner or train-reasoner config (file or preset)")
     p.add_argument("--topology", required=True, help="v5p:2x4x4, v5p-64, v5e-64, v6e:4x4, cpu:8, ...")
-    p.add_argument("--slices", type=int, default=1, help="number of slices (multi-slice over DCN)")
-    p.add_argument("--mesh", metavar="D,F,T", help="mesh data,fsdp,tensor (default: the config's mesh)")
+    p.add_argument("--slices", type=int, help="number of slices (multi-slice over DCN; default: the config's mesh.slices)")
+    p.add_argument("--mesh", metavar="D,F,T", help="one slice's mesh data,fsdp,tensor (default: the config's mesh)")
     p.add_argument("--tokens", type=int, help="force the padded text length of every program to N")
     p.add_argument("--json", action="store_true", help="print the JSON report instead of text")
     p.add_argument("--hlo-dir", metavar="DIR", help="also write each program's optimized HLO text to DIR")

@@ -58,7 +58,7 @@ def test_compile_only_topology_reports_chips_and_hosts():
     assert (t.chips, t.hosts, t.platform) == (32, 8, "tpu")
     two = plan_lib.resolve_target("v5p:2x2x1", slices=2)
     assert (two.chips, two.slices) == (8, 2)
-    mesh = plan_lib.build_mesh(plan_lib.parse_mesh("2,4,1"), two)
+    mesh = plan_lib.build_mesh(plan_lib.parse_mesh("1,4,1"), two)  # one slice's mesh; slices stack along data
     assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
     # the data axis runs across the slices: each data row is one slice
     slice_of = np.vectorize(lambda d: d.slice_index)(mesh.devices)
@@ -183,7 +183,7 @@ def test_tiny_train_step_compiles_for_tpu(tmp_path):
 def test_tiny_decode_loop_compiles_for_tpu(tmp_path):
     """The EG-RL rollout (prefill + KV-cache decode loop) of a tiny config compiles for TPU; the
     decode loop shows in the HLO as a while loop, with collectives inside it on an FSDP mesh."""
-    from embedrl_jax.rl.trainer import ReasonerRLConfig
+    from embedrl_jax.train.reasoner import ReasonerRLConfig
 
     from embedrl_jax.config import from_dict
 
@@ -251,7 +251,7 @@ def test_hbm_refusal_is_read_from_the_compiler_message():
 
 def test_unsplittable_batch_is_named_in_the_advice():
     from embedrl_jax.config import from_dict
-    from embedrl_jax.rl.trainer import ReasonerRLConfig
+    from embedrl_jax.train.reasoner import ReasonerRLConfig
 
     target = plan_lib.resolve_target("cpu:8")
     mesh = plan_lib.build_mesh(plan_lib.parse_mesh("1,-1,1"), target)
@@ -259,3 +259,22 @@ def test_unsplittable_batch_is_named_in_the_advice():
     assert "its 6 rows do not divide the 8 batch devices" in plan_lib._help(bad, "temporaries", mesh)
     good = plan_lib.reward_embed_program(from_dict(ReasonerRLConfig, TINY_RL), mesh)
     assert "do not divide" not in plan_lib._help(good, "temporaries", mesh)
+
+
+@pytest.mark.slow
+def test_tpu_target_takes_the_scan_path_without_patching(tmp_path):
+    """The model follows the mesh's platform (models.platform): the same trainer program lowered
+    for compile-only TPU chips rolls its layers into scans (while loops: forward and backward);
+    for the CPU mesh the layers are unrolled (fewer loops, a longer program). Nothing is patched."""
+    cfg = _write(tmp_path, "tiny.json", TINY_EMBEDDER)
+    _, c = plan_lib.load_run_config(cfg)
+    loops = {}
+    for topo in ("v5p:2x2x1", "cpu:4"):
+        target = plan_lib.resolve_target(topo)
+        mesh = plan_lib.build_mesh(plan_lib.parse_mesh("1,-1,1"), target)
+        prog = plan_lib.embedder_train_program(c, mesh)
+        with jax.set_mesh(mesh):
+            text = prog.fn.lower(*prog.args).as_text()
+        loops[target.platform] = (text.count("stablehlo.while"), len(text))
+    assert loops["tpu"][0] > loops["cpu"][0], loops
+    assert loops["tpu"][1] < loops["cpu"][1], loops
