@@ -148,6 +148,14 @@ def resolve_target(name: str, slices: int = 1) -> Target:
     return Target(name, "tpu", libtpu_name, list(topo.devices), CHIPS[libtpu_name.split(":")[0]], slices)
 
 
+def _remats(cfg, mesh) -> bool:
+    """Whether the compiled step recomputes its forward: the config's policy as the model resolves
+    it for the mesh's platform ("auto" is full remat on accelerators, none on XLA:CPU)."""
+    from .models.platform import Target as PlatformTarget, remat_name
+
+    return remat_name(cfg.remat, PlatformTarget(mesh.devices.flat[0].platform)) != "none"
+
+
 def build_mesh(mesh_config, target: Target):
     """The run's (data, fsdp, tensor) mesh over the target's devices: `sharding.make_mesh` with
     `mesh.slices` = the target's slices (data, fsdp and tensor then describe one slice; the
@@ -398,7 +406,7 @@ def embedder_train_program(cfg, mesh, tokens=None) -> Program:
     seq = cfg.buckets.seq(text_budget(cfg.inputs, "inputs", tokens))
     vision = image_rows(cfg.inputs, mcfg.vision.merge_unit, cfg.buckets, b, mesh)
     fn, args = _update(trainer, pairs=pairs, seq=seq, vision=vision)
-    remat = cfg.remat != "none"
+    remat = _remats(cfg, mesh)
     fwd = 2 * forward_flops(mcfg, pairs, seq, (vision[0] * chunks, vision[1]))  # both towers
     mult = train_multiplier(cfg.lora is None, remat) + (1.0 if chunks > 1 else 0.0)  # GradCache: a 2nd forward
     shapes = {"pairs": pairs, "sequences": 2 * pairs, "grad_cache_chunks": chunks, "pairs_per_chunk": b,
@@ -430,7 +438,7 @@ def sft_train_program(cfg, mesh, tokens=None) -> Program:
     t_len = min(cfg.buckets.seq(cfg.max_completion_tokens), cfg.max_completion_tokens)
     vision = image_rows(cfg.inputs, mcfg.vision.merge_unit, cfg.buckets, r, mesh)
     fn, args = _update(trainer, samples=cfg.batch_size, prompt=p_len, completion=t_len, vision=vision)
-    remat = cfg.remat != "none"
+    remat = _remats(cfg, mesh)
     fwd = m * forward_flops(mcfg, r, p_len + t_len, vision, head_tokens=r * t_len)
     shapes = {"sequences": cfg.batch_size, "micro_batches": m, "prompt_tokens": p_len, "completion_tokens": t_len,
               "padded_tokens": p_len + t_len, "patch_rows": vision[0] * m, "patch_row_len": vision[1]}
@@ -494,7 +502,7 @@ def grpo_update_program(cfg, mesh, tokens=None) -> Program:
     r = prompts // m * n
     vision = image_rows(cfg.inputs, policy.vision.merge_unit, cfg.buckets, prompts // m, mesh)
     fn, args = _update(trainer, prompts=prompts, prompt=p_len, vision=vision)
-    remat = cfg.remat != "none"
+    remat = _remats(cfg, mesh)
     fwd = m * forward_flops(policy, r, p_len + t_len, vision, head_tokens=r * t_len)
     passes = train_multiplier(cfg.lora is None, remat) + (1.0 if cfg.grpo.kl_coef else 0.0) + (1.0 if m > 1 else 0.0)
     shapes = {"rollouts": prompts * n, "mini_batches": m, "rows_per_mini_batch": r, "prompt_tokens": p_len,
