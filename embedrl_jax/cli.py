@@ -312,6 +312,11 @@ VERBS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "sft-reasoner": add_sft_reasoner,
     "train-reasoner": add_train_reasoner,
 }
+# corpus inference and evaluation verbs live in their own modules (eval branch)
+from .eval.cli import add_eval  # noqa: E402
+from .infer import add_encode, add_search, add_tcot  # noqa: E402
+
+VERBS.update({"tcot": add_tcot, "encode": add_encode, "search": add_search, "eval": add_eval})
 
 
 def distributed_init(coordinator: str | None = None, num_processes: int | None = None,
