@@ -82,6 +82,7 @@ class _Stage:
     def finish(self, seconds: float, cpu_seconds: float = 0.0, **extra) -> None:
         """Record the stage as done: wall seconds, and CPU seconds of all threads (the machine-load-free
         measure: on an idle machine the wall time is about CPU time / the cores the stage keeps busy)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.record, json.dumps({"settings": self.settings, "seconds": round(seconds, 2),
                                                    "cpu_seconds": round(cpu_seconds, 2), **extra}, indent=2))
 
