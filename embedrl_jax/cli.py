@@ -332,6 +332,9 @@ from .eval.cli import add_eval  # noqa: E402
 from .infer import add_encode, add_search, add_tcot  # noqa: E402
 
 VERBS.update({"tcot": add_tcot, "encode": add_encode, "search": add_search, "eval": add_eval})
+from .toy.demo import add_demo  # noqa: E402
+
+VERBS["demo"] = add_demo
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -53,6 +53,11 @@ __all__ = [
     "load_image",
     "read_mmeb",
     "read_llavahound",
+    "read_pairs",
+    "pair_parser",
+    "is_llavahound",
+    "iter_json_records",
+    "file_roots",
     "video_task",
 ]
 
@@ -273,8 +278,8 @@ class _Checker:
 # Shared reading helpers
 # --------------------------------------------------------------------------------------------
 
-def _iter_raw(path: str) -> Iterator[tuple[int, Any]]:
-    """(index, record-or-RecordError) for a JSON list or a JSONL file."""
+def _iter_raw(path: str) -> Iterator[tuple[int, Any, int | None]]:
+    """(index, record-or-RecordError, line number or None) for a JSON array or a JSONL file."""
     with open(path, "r", encoding="utf-8") as f:
         text = f.read()
     stripped = text.lstrip()
@@ -284,18 +289,25 @@ def _iter_raw(path: str) -> Iterator[tuple[int, Any]]:
         except json.JSONDecodeError as e:
             raise RecordError(f"not valid JSON: {e}", source=path, reason="bad_json") from e
         for i, rec in enumerate(data):
-            yield i, rec
+            yield i, rec, None
         return
     i = 0
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            yield i, json.loads(line)
+            yield i, json.loads(line), lineno
         except json.JSONDecodeError as e:
             yield i, RecordError(f"line {lineno} is not valid JSON: {e}", source=path, index=i,
-                                 reason="bad_json")
+                                 reason="bad_json"), lineno
         i += 1
+
+
+def iter_json_records(path) -> Iterator[tuple[int, Any, int | None]]:
+    """The records of a JSON-array or JSONL file: ``(index, record, line)`` with ``line`` the 1-based
+    JSONL line (None in an array); a JSONL line that does not parse comes as a :class:`RecordError`
+    in place of its record, an array that does not parse raises one."""
+    return _iter_raw(os.fspath(path))
 
 
 def _resolve(p: str, base: str) -> str:
@@ -343,7 +355,7 @@ def _read(path, parse_one, skip_bad: bool) -> tuple[list[PairRecord], SkipReport
     path = os.fspath(path)
     report = SkipReport(source=path)
     records: list[PairRecord] = []
-    for i, raw in _iter_raw(path):
+    for i, raw, _ in _iter_raw(path):
         report.total += 1
         try:
             if isinstance(raw, RecordError):
@@ -372,31 +384,11 @@ def _default_name(path: str) -> str:
 # MMEB-train
 # --------------------------------------------------------------------------------------------
 
-def read_mmeb(path, *, dataset: str | None = None, skip_bad: bool = False, image_root=None,
-              check_images: CheckImages = "header", negatives: bool = True,
-              ) -> tuple[list[PairRecord], SkipReport]:
-    """Read an MMEB-train style file (a JSON list or JSONL, one record per pair).
+def _base(root, path: str) -> str:
+    return os.fspath(root) if root not in (None, "") else os.path.dirname(os.path.abspath(path))
 
-    Fields: ``qry``, ``qry_image_path``, ``pos_text``, ``pos_image_path``, optional ``neg_text``,
-    ``neg_image_path``, ``query_cot``, ``pos_cot``, ``error`` (ignored: a failed synthesis has empty
-    CoTs). Image fields may be a path or a list of paths; empty strings mean "no image".
 
-    - query = ``{text: qry without <|image_N|> markers, stripped; images: [qry_image_path];
-      tcot: query_cot}``; positive = ``{text: pos_text; images: [pos_image_path]; tcot: pos_cot}``;
-      negatives = ``({text: neg_text, images: [neg_image_path]},)`` when present and ``negatives``.
-      Empty values are omitted from the items.
-    - Relative image paths resolve against ``image_root`` if given, else the record file's folder.
-    - ``dataset`` defaults to the file name without ``.json``/``.jsonl``; keys are
-      ``"{dataset}/{index}"``; ``is_video=False``.
-
-    Returns ``(records, SkipReport)``; raises :class:`RecordError` on the first bad record unless
-    ``skip_bad`` (see the module docstring for the reasons).
-    """
-    path = os.fspath(path)
-    name = dataset if dataset is not None else _default_name(path)
-    base = os.fspath(image_root) if image_root is not None else os.path.dirname(os.path.abspath(path))
-    check = _Checker(path, check_images)
-
+def _mmeb_parser(path: str, name: str, base: str, check: "_Checker", negatives: bool):
     def images(rec, key, i):
         out = []
         for p in _get_paths(rec.get(key), key, path, i):
@@ -427,7 +419,33 @@ def read_mmeb(path, *, dataset: str | None = None, skip_bad: bool = False, image
             positive=_item(ptext, pimgs, tcot=_get_text(rec, "pos_cot", path, i)),
             negatives=negs, dataset=name, key=f"{name}/{i}", is_video=False)
 
-    return _read(path, parse_one, skip_bad)
+    return parse_one
+
+
+def read_mmeb(path, *, dataset: str | None = None, skip_bad: bool = False, image_root=None,
+              check_images: CheckImages = "header", negatives: bool = True,
+              ) -> tuple[list[PairRecord], SkipReport]:
+    """Read an MMEB-train style file (a JSON list or JSONL, one record per pair).
+
+    Fields: ``qry``, ``qry_image_path``, ``pos_text``, ``pos_image_path``, optional ``neg_text``,
+    ``neg_image_path``, ``query_cot``, ``pos_cot``, ``error`` (ignored: a failed synthesis has empty
+    CoTs). Image fields may be a path or a list of paths; empty strings mean "no image".
+
+    - query = ``{text: qry without <|image_N|> markers, stripped; images: [qry_image_path];
+      tcot: query_cot}``; positive = ``{text: pos_text; images: [pos_image_path]; tcot: pos_cot}``;
+      negatives = ``({text: neg_text, images: [neg_image_path]},)`` when present and ``negatives``.
+      Empty values are omitted from the items.
+    - Relative image paths resolve against ``image_root`` if given, else the record file's folder.
+    - ``dataset`` defaults to the file name without ``.json``/``.jsonl``; keys are
+      ``"{dataset}/{index}"``; ``is_video=False``.
+
+    Returns ``(records, SkipReport)``; raises :class:`RecordError` on the first bad record unless
+    ``skip_bad`` (see the module docstring for the reasons).
+    """
+    path = os.fspath(path)
+    name = dataset if dataset is not None else _default_name(path)
+    parse = _mmeb_parser(path, name, _base(image_root, path), _Checker(path, check_images), negatives)
+    return _read(path, parse, skip_bad)
 
 
 # --------------------------------------------------------------------------------------------
@@ -460,33 +478,7 @@ def _turn(conversations, role: str) -> str:
     return ""
 
 
-def read_llavahound(path, *, frames_dir=None, dataset: str | None = None, skip_bad: bool = False,
-                    task: VideoTask | None = None, check_images: CheckImages = "header",
-                    ) -> tuple[list[PairRecord], SkipReport]:
-    """Read a LLaVA-Hound style video file (JSON list or JSONL).
-
-    Record: ``{"qry": {"conversations": [{"from": "human"|"gpt", "value": ...}, ...],
-    "video": [frame paths]}, "pos": {...}, "query_cot", "pos_cot", "dataset_name"}``.
-
-    The task comes from ``task`` if given, else from the record's ``dataset_name`` (falling back to
-    ``dataset``/the file name) via :func:`video_task`:
-
-    - ``video_retrieval`` (text -> video): query text = the ``gpt`` turn of ``qry``; positive text =
-      the ``human`` turn of ``pos`` (usually just ``<video>``, so empty);
-    - ``caption`` / ``qa`` (video -> text): query text = the ``human`` turn of ``qry``; positive
-      text = the ``gpt`` turn of ``pos``.
-
-    ``<video>`` markers are removed from texts. Each side's ``video`` frames (if any) become the
-    item's ``video`` list; relative frame paths resolve against ``frames_dir`` if given, else the
-    record file's folder. Query and positive must each have text or frames. ``dataset`` defaults to
-    the file name; keys are ``"{dataset}/{index}"``; ``is_video=True``. Returns ``(records,
-    SkipReport)`` with the same validation/skip rules as :func:`read_mmeb`.
-    """
-    path = os.fspath(path)
-    name = dataset if dataset is not None else _default_name(path)
-    base = os.fspath(frames_dir) if frames_dir is not None else os.path.dirname(os.path.abspath(path))
-    check = _Checker(path, check_images)
-
+def _hound_parser(path: str, name: str, base: str, check: "_Checker", task):
     def side(rec: dict, key: str, i: int) -> tuple[list, list[str]]:
         s = rec.get(key)
         if s is None:
@@ -528,4 +520,84 @@ def read_llavahound(path, *, frames_dir=None, dataset: str | None = None, skip_b
             positive=_item(ptext, video=pframes, tcot=_get_text(rec, "pos_cot", path, i)),
             negatives=(), dataset=name, key=f"{name}/{i}", is_video=True)
 
-    return _read(path, parse_one, skip_bad)
+    return parse_one
+
+
+def read_llavahound(path, *, frames_dir=None, dataset: str | None = None, skip_bad: bool = False,
+                    task: VideoTask | None = None, check_images: CheckImages = "header",
+                    ) -> tuple[list[PairRecord], SkipReport]:
+    """Read a LLaVA-Hound style video file (JSON list or JSONL).
+
+    Record: ``{"qry": {"conversations": [{"from": "human"|"gpt", "value": ...}, ...],
+    "video": [frame paths]}, "pos": {...}, "query_cot", "pos_cot", "dataset_name"}``.
+
+    The task comes from ``task`` if given, else from the record's ``dataset_name`` (falling back to
+    ``dataset``/the file name) via :func:`video_task`:
+
+    - ``video_retrieval`` (text -> video): query text = the ``gpt`` turn of ``qry``; positive text =
+      the ``human`` turn of ``pos`` (usually just ``<video>``, so empty);
+    - ``caption`` / ``qa`` (video -> text): query text = the ``human`` turn of ``qry``; positive
+      text = the ``gpt`` turn of ``pos``.
+
+    ``<video>`` markers are removed from texts. Each side's ``video`` frames (if any) become the
+    item's ``video`` list; relative frame paths resolve against ``frames_dir`` if given, else the
+    record file's folder. Query and positive must each have text or frames. ``dataset`` defaults to
+    the file name; keys are ``"{dataset}/{index}"``; ``is_video=True``. Returns ``(records,
+    SkipReport)`` with the same validation/skip rules as :func:`read_mmeb`.
+    """
+    path = os.fspath(path)
+    name = dataset if dataset is not None else _default_name(path)
+    parse = _hound_parser(path, name, _base(frames_dir, path), _Checker(path, check_images), task)
+    return _read(path, parse, skip_bad)
+
+
+# --------------------------------------------------------------------------------------------
+# Either format, and the roots of a data file
+# --------------------------------------------------------------------------------------------
+
+def is_llavahound(rec: Mapping) -> bool:
+    """A LLaVA-Hound record has its sides as objects (``qry``/``pos`` with ``conversations`` and
+    ``video``); an MMEB-train record has ``qry`` as a string."""
+    return isinstance(rec.get("qry"), dict) or isinstance(rec.get("pos"), dict)
+
+
+def pair_parser(path, *, dataset: str | None = None, image_root=None, frames_root=None,
+                check_images: CheckImages = "header", negatives: bool = True):
+    """``parse(index, record) -> PairRecord`` for one file whose records may be MMEB-train or
+    LLaVA-Hound (told apart record by record with :func:`is_llavahound`); MMEB image paths resolve
+    against ``image_root``, LLaVA-Hound frame paths against ``frames_root`` (each: the file's folder
+    when None). Raises :class:`RecordError` (file, record index, field) on a bad record."""
+    path = os.fspath(path)
+    name = dataset if dataset is not None else _default_name(path)
+    check = _Checker(path, check_images)
+    mmeb = _mmeb_parser(path, name, _base(image_root, path), check, negatives)
+    hound = _hound_parser(path, name, _base(frames_root, path), check, None)
+    return lambda i, rec: (hound if is_llavahound(rec) else mmeb)(i, rec)
+
+
+def read_pairs(path, *, dataset: str | None = None, skip_bad: bool = False, image_root=None, frames_root=None,
+               check_images: CheckImages = "header", negatives: bool = True,
+               ) -> tuple[list[PairRecord], SkipReport]:
+    """Read a pair file in either official format (JSON array or JSONL; MMEB-train or LLaVA-Hound
+    records, see :func:`pair_parser`), with the validation and skip rules of :func:`read_mmeb`."""
+    path = os.fspath(path)
+    parse = pair_parser(path, dataset=dataset, image_root=image_root, frames_root=frames_root,
+                        check_images=check_images, negatives=negatives)
+    return _read(path, parse, skip_bad)
+
+
+def file_roots(path, cfg) -> tuple[str | None, str | None]:
+    """(image root, frames root) of one data file from a data config's ``image_root``/``frames_root``
+    (the global defaults) and ``image_roots``/``frames_roots`` (per file: keyed by the dataset name,
+    i.e. the file name without .json/.jsonl, or by the path as written in the config). None means
+    the file's own folder (the behaviour without roots)."""
+    path = os.fspath(path)
+    keys = (path, _default_name(path))
+
+    def pick(per_file, default):
+        for k in keys:
+            if per_file.get(k):
+                return os.path.expanduser(per_file[k])
+        return os.path.expanduser(default) if default else None
+
+    return pick(cfg.image_roots, cfg.image_root), pick(cfg.frames_roots, cfg.frames_root)

@@ -3,22 +3,25 @@
 Every sample is one Reasoner prompt item and one completion (a T-CoT
 ``<thinking>..{json}</thinking><rethink>..</rethink><answer>..</answer>``).
 
-Data: JSONL files, each line one of
+Data: files holding a JSON array or JSONL, each record one of
   (a) ``{"prompt": str, "completion": str, "images": [paths]?, "video": [frame paths]?}``:
-      ``prompt`` is the rendered user text; relative media paths resolve against the file's folder;
-  (b) an MMEB-train record (it has ``qry``): up to two samples, the query side with ``query_cot``
-      and the positive side with ``pos_cot``, prompts from `prompts.reasoner_prompt`. A side without
-      a T-CoT gives no sample (counted as ``no_tcot``; failed syntheses have empty CoTs).
-Bad lines raise `RecordError` naming the file and line, or are skipped and counted with
-``data.skip_bad``.
+      ``prompt`` is the rendered user text;
+  (b) an MMEB-train record (``qry`` a string) or a LLaVA-Hound record (``qry``/``pos`` objects with
+      ``conversations`` and ``video``), read by `records.pair_parser`: up to two samples, the query
+      side with ``query_cot`` and the positive side with ``pos_cot``, prompts from
+      `prompts.reasoner_prompt` (a text query whose positive is a video gets the video-retrieval
+      prompt). A side without a T-CoT gives no sample (counted as ``no_tcot``; failed syntheses have
+      empty CoTs).
+Relative image paths resolve against the file's image root, frame paths (LLaVA-Hound ``video``,
+(a)'s ``video``) against its frames root (``records.file_roots``: per file, else the global
+``data.image_root`` / ``data.frames_root``, else the file's own folder). Bad records raise
+`RecordError` naming the file, the line (JSONL) or record index (JSON array) and the field, or are
+skipped and counted with ``data.skip_bad``.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +29,7 @@ import numpy as np
 
 from ..errors import MissingFileError, UserError
 from ..prompts import load_prompts, reasoner_prompt
-from .records import RecordError, read_mmeb
+from .records import RecordError, file_roots, iter_json_records, pair_parser
 from .toy import make_toy_retrieval
 
 __all__ = ["SFTDataConfig", "SFTSample", "SFTDataReport", "load_sft_samples", "toy_sft_files", "SampleOrder"]
@@ -34,11 +37,15 @@ __all__ = ["SFTDataConfig", "SFTSample", "SFTDataReport", "load_sft_samples", "t
 
 @dataclasses.dataclass(frozen=True)
 class SFTDataConfig:
-    files: tuple[str, ...] = ()  # JSONL files of SFT samples ((a) prompt/completion or (b) MMEB records)
+    files: tuple[str, ...] = ()  # JSON-array or JSONL files: (a) prompt/completion, (b) MMEB or LLaVA-Hound records
     prompts: str | None = None  # prompt templates for MMEB records (None: the packaged defaults)
-    skip_bad: bool = False  # skip and count bad lines instead of failing
+    skip_bad: bool = False  # skip and count bad records instead of failing
     toy: bool = False  # also train on the T-CoTs of the bundled toy retrieval set (built under WORKDIR/data)
-
+    # where relative media paths resolve (None: each file's own folder)
+    image_root: str | None = None  # image paths, every file
+    frames_root: str | None = None  # video frame paths, every file
+    image_roots: dict[str, str] = dataclasses.field(default_factory=dict)  # per file (dataset name or path)
+    frames_roots: dict[str, str] = dataclasses.field(default_factory=dict)  # per file (dataset name or path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +110,7 @@ def _media_paths(raw, key, path, where, base) -> list[str]:
     return out
 
 
-def _plain_sample(raw: dict, path, where: str, base: str) -> SFTSample:
+def _plain_sample(raw: dict, path, where: str, image_base: str, frames_base: str) -> SFTSample:
     prompt = raw.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise _bad(path, where, "field 'prompt': expected a non-empty string", "missing_prompt", "prompt")
@@ -116,8 +123,8 @@ def _plain_sample(raw: dict, path, where: str, base: str) -> SFTSample:
     if not completion.strip():
         raise _bad(path, where, "field 'completion' is empty", "empty_completion", "completion")
     item: dict[str, Any] = {"text": prompt}
-    images = _media_paths(raw, "images", path, where, base)
-    video = _media_paths(raw, "video", path, where, base)
+    images = _media_paths(raw, "images", path, where, image_base)
+    video = _media_paths(raw, "video", path, where, frames_base)
     if images:
         item["images"] = images
     if video:
@@ -125,45 +132,56 @@ def _plain_sample(raw: dict, path, where: str, base: str) -> SFTSample:
     return SFTSample(item, completion.strip(), f"{path}: {where}")
 
 
-def _mmeb_samples(path, entries, cfg: SFTDataConfig, prompts, report: SFTDataReport) -> dict[int, list[SFTSample]]:
-    """MMEB lines of one file -> {entry index: samples}, read by `read_mmeb` (entries: [(where, record)])."""
-    path = os.fspath(path)
-    with tempfile.TemporaryDirectory(prefix="embedrl-sft-") as d:
-        tmp = os.path.join(d, "mmeb.jsonl")  # read_mmeb reads files: the MMEB lines of a mixed file, in order
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(raw, ensure_ascii=False) + "\n" for _, raw in entries)
-
-        def relabel(msg: str) -> str:  # "<tmp>: record k: ..." -> "<path>: line N: ..."
-            m = re.match(re.escape(tmp) + r": record (\d+)", msg)
-            return f"{path}: {entries[int(m.group(1))][0]}{msg[m.end():]}" if m else msg.replace(tmp, path)
-
-        try:
-            records, rep = read_mmeb(tmp, dataset="sft", skip_bad=cfg.skip_bad, negatives=False,
-                                     image_root=os.path.dirname(os.path.abspath(path)))
-        except RecordError as e:
-            err = RecordError(relabel(str(e)), reason=e.reason)
-            err.field, err.file = e.field, e.file
-            raise err from None
-        for reason, n in rep.counts.items():
-            report.skipped[reason] = report.skipped.get(reason, 0) + n
-        report.examples += [relabel(x) for x in rep.examples]
-    out: dict[int, list[SFTSample]] = {}
-    for rec in records:
-        k = int(rec.key.rsplit("/", 1)[1])
-        where = entries[k][0]
-        for side, item in (("query", rec.query), ("positive", rec.positive)):
-            tcot = item.get("tcot")
-            if not tcot:
-                report.no_tcot += 1
-                continue
-            plain = {key: v for key, v in item.items() if key != "tcot"}
-            out.setdefault(k, []).append(
-                SFTSample(reasoner_prompt(plain, side, prompts), tcot, f"{path}: {where} ({side})"))
+def _pair_samples(rec, path: str, where: str, prompts, report: SFTDataReport) -> list[SFTSample]:
+    out = []
+    for side, item in (("query", rec.query), ("positive", rec.positive)):
+        tcot = item.get("tcot")
+        if not tcot:
+            report.no_tcot += 1
+            continue
+        plain = {key: v for key, v in item.items() if key != "tcot"}
+        prompt = reasoner_prompt(plain, side, prompts,
+                                 retrieves_video=side == "query" and bool(rec.positive.get("video")))
+        out.append(SFTSample(prompt, tcot, f"{path}: {where} ({side})"))
     return out
 
 
+def _read_file(path: str, cfg: SFTDataConfig, prompts, report: SFTDataReport) -> list[SFTSample]:
+    image_root, frames_root = file_roots(path, cfg)
+    here = os.path.dirname(os.path.abspath(path))
+    parse_pair = pair_parser(path, dataset=Path(path).stem, image_root=image_root, frames_root=frames_root,
+                             negatives=False)
+    samples: list[SFTSample] = []
+    for i, raw, line in iter_json_records(path):
+        report.lines += 1
+        where = f"line {line}" if line is not None else f"record {i}"
+        try:
+            if isinstance(raw, RecordError):
+                raise _bad(path, where, "not valid JSON: " + str(raw).split("not valid JSON: ", 1)[-1], "bad_json")
+            if not isinstance(raw, dict):
+                raise _bad(path, where, f"expected a JSON object, got {type(raw).__name__}", "bad_record")
+            if "qry" in raw or "pos" in raw:
+                try:
+                    rec = parse_pair(i, raw)
+                except RecordError as e:  # "<path>: record i: ..." -> "<path>: line N: ..."
+                    err = RecordError(str(e).replace(f"{path}: record {i}", f"{path}: {where}", 1), reason=e.reason)
+                    err.source, err.index, err.field, err.file = e.source, e.index, e.field, e.file
+                    raise err from None
+                samples += _pair_samples(rec, path, where, prompts, report)
+            elif "prompt" in raw or "completion" in raw:
+                samples.append(_plain_sample(raw, path, where, image_root or here, frames_root or here))
+            else:
+                raise _bad(path, where, "neither an SFT sample ('prompt', 'completion') nor an MMEB/LLaVA-Hound "
+                           "record ('qry', 'pos')", "bad_record")
+        except RecordError as e:
+            if not cfg.skip_bad:
+                raise
+            report.add(e)
+    return samples
+
+
 def load_sft_samples(cfg: SFTDataConfig, files=None) -> tuple[list[SFTSample], SFTDataReport]:
-    """Read the SFT files (`files` overrides `cfg.files`) into samples, in file and line order."""
+    """Read the SFT files (`files` overrides `cfg.files`) into samples, in file and record order."""
     prompts = load_prompts(cfg.prompts)
     report = SFTDataReport()
     samples: list[SFTSample] = []
@@ -171,38 +189,7 @@ def load_sft_samples(cfg: SFTDataConfig, files=None) -> tuple[list[SFTSample], S
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise MissingFileError(f"data file {path}: no such file")
-        base = os.path.dirname(os.path.abspath(path))
-        mmeb: list[tuple[str, dict]] = []
-        plain: list[tuple[int, SFTSample | None]] = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                report.lines += 1
-                where = f"line {lineno}"
-                try:
-                    try:
-                        raw = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise _bad(path, where, f"not valid JSON: {e}", "bad_json") from None
-                    if not isinstance(raw, dict):
-                        raise _bad(path, where, f"expected a JSON object, got {type(raw).__name__}", "bad_record")
-                    if "qry" in raw:
-                        mmeb.append((where, raw))
-                        plain.append((len(mmeb) - 1, None))
-                    elif "prompt" in raw or "completion" in raw:
-                        plain.append((-1, _plain_sample(raw, path, where, base)))
-                    else:
-                        raise _bad(path, where, "neither an SFT sample ('prompt', 'completion') nor an MMEB "
-                                   "record ('qry')", "bad_record")
-                except RecordError as e:
-                    if not cfg.skip_bad:
-                        raise
-                    report.add(e)
-        # keep file order: MMEB records are read together, then put back in their places
-        by_entry = _mmeb_samples(path, mmeb, cfg, prompts, report) if mmeb else {}
-        for k, s in plain:
-            samples.extend(by_entry.get(k, []) if s is None else [s])
+        samples += _read_file(path, cfg, prompts, report)
     report.samples = len(samples)
     return samples, report
 

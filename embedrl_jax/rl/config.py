@@ -39,7 +39,12 @@ class GRPOConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RLDataConfig:
-    files: tuple[str, ...] = ()  # MMEB-train style JSON/JSONL pair files (one dataset each)
-    weights: dict[str, float] = dataclasses.field(default_factory=dict)
+    files: tuple[str, ...] = ()  # pair files, one dataset each: JSON array or JSONL, MMEB-train or LLaVA-Hound records
+    weights: dict[str, float] = dataclasses.field(default_factory=dict)  # dataset name -> weight (default 1)
     prompts: str | None = None  # JSON prompt templates merged over the packaged ones
     skip_bad: bool = False
+    # where relative media paths resolve (None: each file's own folder)
+    image_root: str | None = None  # MMEB image paths, every file
+    frames_root: str | None = None  # LLaVA-Hound frame paths, every file
+    image_roots: dict[str, str] = dataclasses.field(default_factory=dict)  # per file (dataset name or path)
+    frames_roots: dict[str, str] = dataclasses.field(default_factory=dict)  # per file (dataset name or path)

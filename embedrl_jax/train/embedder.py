@@ -35,7 +35,7 @@ from .abstract import abstract_of, packed_spec, placed_spec
 from .core import Trainer, TrainerConfig
 from .state import OptimConfig
 
-__all__ = ["DataConfig", "EmbedderTrainConfig", "EmbedderTrainer", "embed_fn", "make_update"]
+__all__ = ["DataConfig", "EmbedderTrainConfig", "EmbedderTrainer", "embed_fn", "make_update", "read_data_file"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +50,11 @@ class DataConfig:
     max_video_sub_batches: int = 1
     skip_bad: bool = False
     use_tcot: bool = True  # give the Embedder the T-CoT layout when records carry one
+    # where relative media paths of the given files resolve (None: each file's own folder)
+    image_root: str | None = None  # MMEB image paths, every file
+    frames_root: str | None = None  # LLaVA-Hound frame paths, every file
+    image_roots: dict[str, str] = dataclasses.field(default_factory=dict)  # per file (dataset name or path)
+    frames_roots: dict[str, str] = dataclasses.field(default_factory=dict)  # per file (dataset name or path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +77,15 @@ class EmbedderTrainConfig(TrainerConfig):
             raise ConfigError(f"grad_cache_chunks must be >= 1, got {self.grad_cache_chunks}")
         if self.data.sub_batch_size < 1:
             raise ConfigError(f"data.sub_batch_size must be >= 1, got {self.data.sub_batch_size}")
+
+
+def read_data_file(path, cfg: DataConfig, *, video: bool, roots: bool = True):
+    """One MMEB (`video` false) or LLaVA-Hound file -> (records, SkipReport), its relative media
+    under the configured roots (`roots` false: the file's own folder, as for the bundled toy set)."""
+    image_root, frames_root = rec.file_roots(path, cfg) if roots else (None, None)
+    if video:
+        return rec.read_llavahound(path, frames_dir=frames_root, skip_bad=cfg.skip_bad)
+    return rec.read_mmeb(path, image_root=image_root, skip_bad=cfg.skip_bad)
 
 
 # ------------------------------------------------------------------ the step function
@@ -170,18 +184,19 @@ class EmbedderTrainer(Trainer):
     def _build_data(self):
         cfg = self.cfg.data
         sources, names, is_video, heldout, skipped = [], [], [], {}, {}
-        mmeb, hound = list(cfg.mmeb), list(cfg.llavahound)
+        mmeb, hound, toy = list(cfg.mmeb), list(cfg.llavahound), set()
         if cfg.toy:
             manifest = primary_first(lambda: make_toy_retrieval(self.workdir / "data"), "embedrl_toy_data")
             for name, d in manifest["datasets"].items():
                 target = (mmeb if d["format"] == "mmeb" else hound) if d["split"] == "train" else None
                 if target is not None:
                     target.append(d["path"])
+                    toy.add(d["path"])  # the toy files keep their media next to them
                 else:
                     heldout[name] = d
-        for paths, reader, video in ((mmeb, rec.read_mmeb, False), (hound, rec.read_llavahound, True)):
+        for paths, video in ((mmeb, False), (hound, True)):
             for path in paths:
-                records, report = reader(path, skip_bad=cfg.skip_bad)
+                records, report = self._read_file(path, video, roots=path not in toy)
                 sources.append(records), names.append(Path(path).stem), is_video.append(video)
                 skipped[Path(path).stem] = report.skipped
         if not sources:
@@ -199,7 +214,10 @@ class EmbedderTrainer(Trainer):
                 reader = rec.read_mmeb if d["format"] == "mmeb" else rec.read_llavahound
                 self.eval_sets[name] = reader(d["path"])[0][: self.cfg.eval_pairs]
             else:
-                self.eval_sets[Path(name).stem] = rec.read_mmeb(name)[0][: self.cfg.eval_pairs]
+                self.eval_sets[Path(name).stem] = self._read_file(name, False)[0][: self.cfg.eval_pairs]
+
+    def _read_file(self, path, video: bool, roots: bool = True):
+        return read_data_file(path, self.cfg.data, video=video, roots=roots)
 
     def data_iterator(self, start_step: int):
         return pipeline.pair_iterator(self.sources, self.sampler, process_index=self.process[0],

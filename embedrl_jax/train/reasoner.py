@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding
 from .. import lora as lora_lib
 from ..data import pipeline
 from ..data.inputs import InputConfig, load_image_processor, load_tokenizer
-from ..data.records import read_mmeb
+from ..data.records import file_roots, read_pairs
 from ..data.toy_rl import ToyRLConfig
 from ..embed.embedder import Embedder
 from ..errors import ConfigError, UserError
@@ -45,7 +45,7 @@ from .core import Trainer, TrainerConfig
 from .state import OptimConfig
 
 __all__ = ["RolloutConfig", "GRPOConfig", "RLDataConfig", "ToyRLConfig", "ReasonerRLConfig", "make_grpo_update",
-           "ReasonerRLTrainer"]
+           "read_rl_files", "ReasonerRLTrainer"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +139,22 @@ def make_grpo_update(mdef, ref_mdef, optimizer, cfg: ReasonerRLConfig):
     return update
 
 
+def read_rl_files(cfg: RLDataConfig) -> tuple[list[list], list[str], dict[str, int]]:
+    """The RL pair files -> (records per file, dataset names, skipped per dataset). Each file is a
+    JSON array or JSONL of MMEB-train or LLaVA-Hound records, its relative media under its roots."""
+    sources, names, skipped = [], [], {}
+    for path in cfg.files:
+        image_root, frames_root = file_roots(path, cfg)
+        records, report = read_pairs(path, skip_bad=cfg.skip_bad, image_root=image_root,
+                                     frames_root=frames_root, negatives=False)
+        if not records:
+            raise UserError(f"{path}: no usable pairs ({report})")
+        sources.append(records)
+        names.append(Path(path).stem)
+        skipped[Path(path).stem] = report.skipped
+    return sources, names, skipped
+
+
 # ------------------------------------------------------------------ the trainer
 class ReasonerRLTrainer(Trainer):
     """Policy, reference, Embedder, judge, data and the GRPO step; the rest is the trainer core."""
@@ -190,17 +206,11 @@ class ReasonerRLTrainer(Trainer):
                                key_frames_one_based=cfg.key_frames_one_based)
         if not cfg.data.files:
             raise ConfigError("data.files: no RL pair files")
-        self.sources, names, self.skipped = [], [], {}
-        for path in cfg.data.files:
-            records, report = read_mmeb(path, skip_bad=cfg.data.skip_bad)
-            if not records:
-                raise UserError(f"{path}: no usable pairs")
-            self.sources.append(records)
-            names.append(Path(path).stem)
-            self.skipped[Path(path).stem] = report.skipped
+        self.sources, names, self.skipped = read_rl_files(cfg.data)
+        # each step's pairs come from one dataset; video files are no rarer than image files here
         self.sampler = pipeline.MixtureSampler.from_sources(
-            self.sources, [cfg.data.weights.get(n, 1.0) for n in names], [False] * len(self.sources),
-            cfg.rollout.pairs_per_step, seed=cfg.seed)
+            self.sources, [cfg.data.weights.get(n, 1.0) for n in names], [any(r.is_video for r in s) for s in self.sources],
+            cfg.rollout.pairs_per_step, max_video_sub_batches=None, seed=cfg.seed)
 
     # -- data
     def data_iterator(self, start_step: int):
