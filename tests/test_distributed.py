@@ -107,4 +107,8 @@ def test_unreachable_coordinator_times_out_naming_it():
     env = dict(os.environ, JAX_PLATFORMS="cpu", EMBEDRL_INIT_TIMEOUT="2")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
-    assert "ConnectionError: coordinator 127.0.0.1:9 not reachable within 2 s" in out.stderr
+    # a user error (the CLI prints it as one line, exit 2) that is also a ConnectionError
+    assert "CoordinatorUnreachable: coordinator 127.0.0.1:9 not reachable within 2 s" in out.stderr
+    from embedrl_jax.distributed import CoordinatorUnreachable
+    from embedrl_jax.errors import UserError
+    assert issubclass(CoordinatorUnreachable, UserError) and issubclass(CoordinatorUnreachable, ConnectionError)
