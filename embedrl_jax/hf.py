@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import shutil
 import uuid
 from pathlib import Path
 from typing import Any
