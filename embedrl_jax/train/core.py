@@ -265,8 +265,8 @@ class Trainer:
     def _init_state(self, trainable):
         """The optimizer's state plus two step counters the update guard keeps: skipped steps in
         all and in a row (checkpointed, so a resumed run counts on exactly)."""
-        zero = jnp.zeros((), jnp.int32)
-        return dict(init_state(trainable, self.optimizer), skipped=zero, skipped_in_row=zero)
+        return dict(init_state(trainable, self.optimizer), skipped=jnp.zeros((), jnp.int32),
+                    skipped_in_row=jnp.zeros((), jnp.int32))  # two buffers: the state is donated
 
     def jit_update(self, step_fn, extra_shardings: tuple, batch_args: int):
         """step_fn(state, *extra, *batch) -> (state, metrics) as one jitted, donated function:
