@@ -107,3 +107,16 @@ def test_local_publish_replaces_atomically_and_object_store_says_which_package(t
     with pytest.raises(UserError, match="s3fs"):
         MetricsWriter("s3://some-bucket/run/metrics.jsonl")
     assert COMMIT_MARKER == "commit_success.txt"
+
+
+def test_wall_clock_checkpoints_fall_due_after_the_configured_minutes():
+    import time
+    from types import SimpleNamespace
+
+    from embedrl_jax.train.core import Trainer
+
+    def due(minutes, since_s):
+        fake = SimpleNamespace(cfg=TrainerConfig(checkpoint_minutes=minutes), process=(0, 1))
+        return Trainer._clock_due(fake, time.monotonic() - since_s)
+
+    assert due(1.0, 61) and not due(1.0, 30) and not due(0, 10_000)

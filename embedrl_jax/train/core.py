@@ -393,8 +393,7 @@ class Trainer:
                 if preempted:
                     msg = (f"preempted (SIGTERM): checkpoint saved at step {step + 1} in {ckpt.directory}; "
                            f"run the same command again to resume")
-                    log.warning(msg)
-                    print(f"embedrl: {msg}", file=sys.stderr, flush=True)
+                    print(f"embedrl: {msg}", file=sys.stderr, flush=True)  # also without logging set up
                     raise Preempted(step + 1)
                 if cfg.export_every and (step + 1) % cfg.export_every == 0 and step + 1 != total:
                     self.export()
