@@ -120,3 +120,40 @@ def test_wall_clock_checkpoints_fall_due_after_the_configured_minutes():
         return Trainer._clock_due(fake, time.monotonic() - since_s)
 
     assert due(1.0, 61) and not due(1.0, 30) and not due(0, 10_000)
+
+
+def test_object_store_publication_writes_the_commit_marker_last(tmp_path, monkeypatch):
+    """The object-store branch of replace_dir, run on a local directory treated as remote (no
+    object store here): the old copy loses its marker first, the marker is the last object."""
+    import embedrl_jax.fsutil as fsutil
+
+    monkeypatch.setattr(fsutil, "is_remote", lambda path: True)
+    order = []
+    real_write = fsutil.epath.Path.write_text
+
+    def spy(self, text, *a, **k):
+        order.append(self.name)
+        return real_write(self, text, *a, **k)
+
+    monkeypatch.setattr(fsutil.epath.Path, "write_text", spy)
+    cls = type(fsutil.epath.Path(tmp_path))
+    real_copy = cls.copy
+
+    def copy_spy(self, dst, *a, **k):
+        order.append(fsutil.epath.Path(dst).name)
+        return real_copy(self, dst, *a, **k)
+
+    monkeypatch.setattr(cls, "copy", copy_spy)
+    dest = tmp_path / "export"
+    for text in ("old", "new"):
+        tmp = tmp_path / f".export.tmp-{text}"
+        (tmp / "sub").mkdir(parents=True)
+        (tmp / "sub" / "w.bin").write_text(text)
+        (tmp / "config.json").write_text(text)
+        fsutil.replace_dir(tmp, dest)
+        assert fsutil.is_published(dest) and not tmp.exists()
+    assert (dest / "sub" / "w.bin").read_text() == "new" and (dest / "config.json").read_text() == "new"
+    assert sorted(order[:2]) == ["config.json", "w.bin"] and order[2] == fsutil.COMMIT_MARKER  # marker last
+    assert sorted(order[3:5]) == ["config.json", "w.bin"] and order[5:] == [fsutil.COMMIT_MARKER]
+    (dest / fsutil.COMMIT_MARKER).unlink()  # an interrupted publication: files there, no marker
+    assert not fsutil.is_published(dest)
