@@ -13,7 +13,6 @@ so every shard is read straight onto its device, on whatever mesh is given now.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from .fsutil import replace_dir, sync_processes
+from .fsutil import COMMIT_MARKER, as_path, replace_dir, sync_processes
 from .hf import (Qwen3VLHandle, copy_side_files, load_hf, np_dtype, param_shardings, read_hf_config,
                  single_device_mesh)
 from .models.qwen3_vl.inputs import Buckets
@@ -51,13 +50,14 @@ def save_params(directory, params, *, config_json: dict, side_files_from=None, o
     copied from `side_files_from`. Every process must call this (orbax saves collectively);
     only process 0 touches the directory layout.
     """
-    directory = Path(directory)
+    directory = as_path(directory, absolute=True)  # a local path or an object-store URL
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())) and not overwrite:
         raise FileExistsError(f"{directory} exists and is not empty")
     tmp = directory.parent / f".{directory.name}.tmp-orbax"  # the same name on every host
     primary = jax.process_index() == 0
     if primary:
-        shutil.rmtree(tmp, ignore_errors=True)  # left over from a crashed save
+        if tmp.exists():
+            tmp.rmtree()  # left over from a crashed save
         tmp.mkdir(parents=True)
     sync_processes("embedrl_save_params_start")
     try:
@@ -65,10 +65,11 @@ def save_params(directory, params, *, config_json: dict, side_files_from=None, o
         if primary:
             (tmp / CONFIG_NAME).write_text(json.dumps(config_json, indent=2, sort_keys=True))
             copy_side_files(side_files_from, tmp)
+            (tmp / COMMIT_MARKER).write_text("published\n")
             replace_dir(tmp, directory)
     except BaseException:
-        if primary:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if primary and tmp.exists():
+            tmp.rmtree()
         raise
     sync_processes("embedrl_save_params_done")
     return directory
@@ -95,7 +96,7 @@ def save_handle(directory, handle: Qwen3VLHandle, *, overwrite: bool = False) ->
 
 def stored_metadata(directory) -> dict[str, Any]:
     """{'a/b/c': ArrayMetadata(shape, dtype, ...)} of the params stored under `directory`."""
-    path = Path(directory) / PARAMS_DIR
+    path = as_path(directory, absolute=True) / PARAMS_DIR
     if not path.is_dir():
         raise FileNotFoundError(f"no orbax params in {directory} (expected {path})")
     meta = _checkpointer().metadata(path).item_metadata
@@ -123,7 +124,7 @@ def restore_params(directory, mdef: ModelDef, mesh, dtype=None):
         return jax.ShapeDtypeStruct(leaf.shape, target_dtype or stored_dtype, sharding=sharding)
 
     target = jax.tree_util.tree_map_with_path(spec, abstract, shardings)
-    path = (Path(directory) / PARAMS_DIR).resolve()
+    path = as_path(directory, absolute=True) / PARAMS_DIR
     return _checkpointer().restore(path, args=ocp.args.StandardRestore(target))
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from . import safetensors_io as st
-from .fsutil import replace_dir, sync_processes
+from .fsutil import COMMIT_MARKER, as_path, is_remote, local_staging, replace_dir, sync_processes
 from .models.qwen3_vl.config import Qwen3VLConfig
 from .models.qwen3_vl.inputs import HF_INPUT_NAMES, Buckets, pack_inputs
 from .models.qwen3_vl.mapping import Mapping, Row, get_path, set_path, stack_size
@@ -76,8 +75,8 @@ def copy_side_files(src: Path | None, dst: Path) -> list[str]:
     if src is None:
         return copied
     for name in SIDE_FILES:
-        if (Path(src) / name).exists():
-            shutil.copy2(Path(src) / name, Path(dst) / name)
+        if (as_path(src) / name).exists():
+            (as_path(src) / name).copy(as_path(dst) / name, overwrite=True)
             copied.append(name)
     return copied
 
@@ -252,9 +251,10 @@ def save_hf(handle: Qwen3VLHandle, out_dir, *, max_shard_bytes: int = 5 * 2**30,
     at the end, so a failure never leaves a half-written export; `write_extra(tmp_dir)` adds
     files (a tokenizer, an image processor) before that. Tensors keep the dtype they were
     loaded with unless `dtype` is given. In a multi-host run every process must call this
-    (each tensor is gathered collectively) and process 0 alone writes.
+    (each tensor is gathered collectively) and process 0 alone writes. `out_dir` may be an
+    object-store URL: it is then complete once its commit marker is written (fsutil).
     """
-    out_dir = Path(out_dir)
+    out_dir = as_path(out_dir)
     primary = jax.process_index() == 0
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True to replace it)")
@@ -292,11 +292,14 @@ def save_hf(handle: Qwen3VLHandle, out_dir, *, max_shard_bytes: int = 5 * 2**30,
             (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
             copy_side_files(handle.source, tmp)
             if write_extra is not None:
-                write_extra(tmp)
+                local, finish = local_staging(tmp)  # save_pretrained writes local files only
+                write_extra(local)
+                finish()
+            (tmp / COMMIT_MARKER).write_text("published\n")
             replace_dir(tmp, out_dir)
     except BaseException:
-        if primary:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if primary and tmp.exists():
+            tmp.rmtree()
         raise
     finally:
         sync_processes("embedrl_save_hf")  # no process reads the export before process 0 has published it

@@ -14,6 +14,7 @@ from typing import Iterable, Iterator
 
 import ml_dtypes
 import numpy as np
+from etils import epath
 
 DTYPES = {
     "F64": np.dtype("<f8"),
@@ -118,13 +119,15 @@ def write_file(path: str | Path, items: Iterable[tuple[str, np.ndarray]]) -> Non
     """Write tensors (materialised lazily by the iterable is not possible: header first)."""
     items = list(items)
     raw, _ = _header([(n, np.dtype(a.dtype), a.shape) for n, a in items])
-    with open(path, "wb") as f:
+    local = "://" not in os.fspath(path)
+    with (open(path, "wb") if local else epath.Path(path).open("wb")) as f:  # object stores: through epath
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for _, a in items:
             f.write(np.ascontiguousarray(a).astype(a.dtype.newbyteorder("<"), copy=False).tobytes())
         f.flush()
-        os.fsync(f.fileno())
+        if local:
+            os.fsync(f.fileno())
 
 
 def plan_shards(sizes: Iterator[tuple[str, int]], max_bytes: int) -> list[list[str]]:

@@ -21,12 +21,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
@@ -34,7 +41,7 @@ from .. import lora as lora_lib
 from ..checkpoint import load_model
 from ..config import PRESET_DIR, to_dict
 from ..errors import ConfigError, MissingFileError, UserError
-from ..fsutil import primary_first, write_run_config
+from ..fsutil import as_path, is_published, is_remote, primary_first, write_run_config
 from ..hf import Qwen3VLHandle, param_shardings, read_hf_config, save_hf
 from ..models.qwen3_vl.config import Qwen3VLConfig
 from ..models.qwen3_vl.inputs import Buckets
@@ -45,10 +52,32 @@ from .checkpoint import TrainCheckpointer, abstract_like
 from .metrics import MetricsWriter
 from .state import init_state, make_optimizer, schedule, state_shardings
 
-__all__ = ["TrainerConfig", "Trainer", "REMAT_POLICIES"]
+__all__ = ["TrainerConfig", "DebugConfig", "Trainer", "Preempted", "BadStepsError", "REMAT_POLICIES"]
+
+log = logging.getLogger(__name__)
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "offload")
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class DebugConfig:
+    """Test-only fault injection (never set in a real run)."""
+
+    nan_steps: tuple[int, ...] = ()  # these steps (1-based, as in metrics.jsonl) get a NaN loss inside the update
+    kill_in_save_step: int = 0  # SIGKILL this process right after the (async) save of this step has started
+
+
+class Preempted(SystemExit):
+    """SIGTERM handled: a checkpoint at the agreed step is on disk; exits the process with status 0."""
+
+    def __init__(self, step: int):
+        super().__init__(0)
+        self.step = step
+
+
+class BadStepsError(UserError):
+    """Too many consecutive steps with a non-finite loss or gradient norm (a checkpoint was saved)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,11 +96,14 @@ class TrainerConfig:
     # default (full on accelerators, none on XLA:CPU), decided by the model from the mesh's devices
     remat: str | bool = "auto"
     checkpoint_every: int = 50
-    keep_checkpoints: int = 3
+    checkpoint_minutes: float = 0.0  # also checkpoint when this many minutes passed since the last one (0: off)
+    keep_checkpoints: int = 3  # >= 2: a damaged latest checkpoint falls back to the previous one
     async_checkpoints: bool = True
+    max_consecutive_skips: int = 5  # stop (after saving) when this many steps in a row had a non-finite loss/grad
     eval_every: int = 0  # 0: no periodic evaluation
     export: bool = True  # write the merged model to WORKDIR/export when the run ends
     export_every: int = 0  # also export every this many steps (0: only at the end)
+    debug: DebugConfig = DebugConfig()  # noqa: RUF009
 
     def __post_init__(self):
         if isinstance(self.remat, bool):
@@ -81,9 +113,14 @@ class TrainerConfig:
         for name in ("compute_dtype", "base_dtype"):
             if getattr(self, name) not in FLOAT_DTYPES:
                 raise ConfigError(f"{name}: {getattr(self, name)!r} is not one of {list(FLOAT_DTYPES)}")
-        for name in ("steps", "checkpoint_every", "keep_checkpoints"):
+        for name in ("steps", "checkpoint_every", "max_consecutive_skips"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.keep_checkpoints < 2:
+            raise ConfigError(f"keep_checkpoints must be >= 2 (a damaged latest checkpoint falls back to the "
+                              f"previous one), got {self.keep_checkpoints}")
+        if self.checkpoint_minutes < 0:
+            raise ConfigError(f"checkpoint_minutes must be >= 0, got {self.checkpoint_minutes}")
         for name in ("eval_every", "export_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -91,6 +128,35 @@ class TrainerConfig:
             raise ConfigError(f"epochs must be > 0 or null, got {self.epochs}")
         if self.seed < 0:
             raise ConfigError(f"seed must be >= 0, got {self.seed}")
+
+
+def guard_update(step_fn, updates_per_step: int = 1, nan_steps: tuple[int, ...] = ()):
+    """step_fn wrapped so that a step whose loss or gradient norm is not finite changes nothing.
+
+    Why inside the jitted update: the decision costs one select per state leaf on the device,
+    never a host round trip or a second run of the step, and the donated state stays donated.
+    Parameters and optimizer state (moments, the optimizer's step count, hence the schedule)
+    keep their old values; `step` still advances (it counts the steps tried, so the data and the
+    step keys stay aligned with the loop); `skipped` / `skipped_in_row` count the skips.
+    `nan_steps` (test-only, 1-based loop steps) replace the loss with NaN at those steps.
+    """
+
+    def guarded(state, *args):
+        new, metrics = step_fn(state, *args)
+        loss = metrics["loss"]
+        if nan_steps:
+            loop_step = state["step"] // updates_per_step + 1
+            loss = jnp.where(jnp.isin(loop_step, jnp.asarray(nan_steps, jnp.int32)), jnp.nan, loss)
+        ok = jnp.isfinite(loss) & jnp.isfinite(metrics.get("grad_norm", jnp.float32(0)))
+        kept = jax.tree.map(lambda n, o: jnp.where(ok, n, o),
+                            {k: v for k, v in new.items() if k not in ("step", "skipped", "skipped_in_row")},
+                            {k: v for k, v in state.items() if k not in ("step", "skipped", "skipped_in_row")})
+        bad = (~ok).astype(jnp.int32)
+        out = dict(kept, step=new["step"], skipped=state["skipped"] + bad,
+                   skipped_in_row=jnp.where(ok, 0, state["skipped_in_row"] + 1))
+        return out, dict(metrics, loss=loss)
+
+    return guarded
 
 
 # ------------------------------------------------------------------ the trainer
@@ -105,7 +171,7 @@ class Trainer:
             raise TypeError(f"{type(self).__name__} needs a TrainerConfig, got {type(cfg).__name__}")
         self.cfg = cfg
         self.abstract = abstract
-        self.workdir = Path(workdir)
+        self.workdir = as_path(workdir) if is_remote(workdir) else Path(workdir)  # an object-store URL works too
         self.mesh = mesh if mesh is not None else make_mesh(cfg.mesh)
         self.replicated = NamedSharding(self.mesh, P())
         # (index, count) of this process's data shard: the processes whose devices hold the same batch
@@ -192,18 +258,25 @@ class Trainer:
         """Optimizer and the train state {step, params, opt_state}, placed (or abstract)."""
         self.schedule_steps = schedule_steps
         self.optimizer = make_optimizer(self.cfg.optim, schedule_steps)
-        self.state_shapes = jax.eval_shape(lambda t: init_state(t, self.optimizer), trainable)
+        self.state_shapes = jax.eval_shape(lambda t: self._init_state(t), trainable)
         self.state_shardings = state_shardings(self.state_shapes, jax.eval_shape(lambda t: t, trainable),
                                                trainable_shardings, self.mesh)
         if self.abstract:
             self.state = abstract_like(self.state_shapes, self.state_shardings)
         else:
-            self.state = jax.device_put(init_state(trainable, self.optimizer), self.state_shardings)
+            self.state = jax.device_put(self._init_state(trainable), self.state_shardings)
+
+    def _init_state(self, trainable):
+        """The optimizer's state plus two step counters the update guard keeps: skipped steps in
+        all and in a row (checkpointed, so a resumed run counts on exactly)."""
+        return dict(init_state(trainable, self.optimizer), skipped=jnp.zeros((), jnp.int32),
+                    skipped_in_row=jnp.zeros((), jnp.int32))  # two buffers: the state is donated
 
     def jit_update(self, step_fn, extra_shardings: tuple, batch_args: int):
         """step_fn(state, *extra, *batch) -> (state, metrics) as one jitted, donated function:
         the state in and out on its shardings, `extra` (frozen weights) on theirs, metrics
-        replicated; batch arguments arrive already placed."""
+        replicated; batch arguments arrive already placed. The step is guarded: see `guard_update`."""
+        step_fn = guard_update(step_fn, self.updates_per_step, self.cfg.debug.nan_steps)
         self.update = jax.jit(step_fn, in_shardings=(self.state_shardings, *extra_shardings) + (None,) * batch_args,
                               out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
         return self.update
@@ -254,65 +327,152 @@ class Trainer:
     def run(self, steps: int | None = None, *, progress: bool = True, export: bool | None = None) -> dict:
         """Train (resuming from WORKDIR/checkpoints) until `steps` (default: the config's);
         returns the last metrics row. Exports to WORKDIR/export at the end when `export` (default
-        cfg.export) and a step ran or no export exists yet."""
+        cfg.export) and a step ran or no export exists yet.
+
+        Faults: on SIGTERM the hosts agree on a step, save it, wait and raise `Preempted` (exit
+        status 0); a step with a non-finite loss or gradient norm changes nothing (see
+        `guard_update`) and is counted; `max_consecutive_skips` of them in a row save and raise
+        `BadStepsError`. A damaged latest checkpoint is skipped for the previous one."""
         if self.abstract:
             raise UserError("an abstract trainer (shapes only) compiles its programs; it cannot run")
         cfg = self.cfg
         total = self.total_steps() if steps is None else steps
         ckpt = TrainCheckpointer(self.workdir / "checkpoints", max_to_keep=cfg.keep_checkpoints,
                                  async_save=cfg.async_checkpoints)
-        restored, data_state = ckpt.restore_latest(self.state_shapes, self.state_shardings)
         start = 0
-        if restored is not None:
-            try:
+        try:
+            restored, data_state = ckpt.restore_latest(self.state_shapes, self.state_shardings)
+            if restored is not None:
                 self.check_resume(data_state)
-            except BaseException:
-                ckpt.close()
-                raise
-            self.state, start = restored, int(data_state["step"])
+                self.state, start = restored, int(data_state["step"])
+        except BaseException:
+            ckpt.close()
+            raise
         it = self.data_iterator(start)
         writer = MetricsWriter(self.workdir / "metrics.jsonl", resume_step=start, enabled=jax.process_index() == 0)
         lr_fn = schedule(cfg.optim, self.schedule_steps)
         bar = tqdm(range(start, total), initial=start, total=total, disable=not progress, desc=self.desc)
         last = {}
+        stop = _StopSignal()
+        last_save = time.monotonic()
+        skipped_before = int(jax.device_get(self.state["skipped"]))
+
+        def save(at: int, *, wait: bool = False):
+            nonlocal last_save
+            ckpt.save(at, self.state, {"step": at, "iterator": it.get_state()}, force=True)
+            writer.flush()
+            last_save = time.monotonic()
+            if cfg.debug.kill_in_save_step == at:
+                os.kill(os.getpid(), signal.SIGKILL)  # test-only: die while the async save runs
+            if wait:
+                ckpt.wait()
+
         try:
             for step in bar:
-                row = {"step": step + 1, **self.train_step(step, next(it))}
+                x = next(it)
+                row = {"step": step + 1, **self.train_step(step, x)}
                 row.setdefault("lr", float(lr_fn(step * self.updates_per_step)))
+                skipped, in_row = (int(v) for v in jax.device_get((self.state["skipped"], self.state["skipped_in_row"])))
+                row["skipped"], row["skipped_total"] = skipped - skipped_before, skipped
+                skipped_before = skipped
+                if row["skipped"]:
+                    log.warning("step %d: loss %s, gradient norm %s: not finite; update skipped (%d in a row)",
+                                step + 1, row.get("loss"), row.get("grad_norm"), in_row)
                 if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == total):
                     row.update(self.evaluate())
                 writer.write(row)
                 last = row
                 bar.set_postfix(**self.postfix(row))
-                if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total:
-                    ckpt.save(step + 1, self.state, {"step": step + 1, "iterator": it.get_state()}, force=True)
+                if in_row >= cfg.max_consecutive_skips:
+                    save(step + 1, wait=True)
+                    raise BadStepsError(
+                        f"step {step + 1}: {in_row} steps in a row had a non-finite loss or gradient norm "
+                        f"(max_consecutive_skips={cfg.max_consecutive_skips}); the last batch's datasets: "
+                        f"{', '.join(self.batch_datasets(x)) or 'unknown'}; checkpoint saved at step {step + 1} "
+                        f"in {ckpt.directory}")
+                preempted = self._preempted(step + 1, stop)
+                timed = self._clock_due(last_save)
+                if preempted or timed or (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total:
+                    save(step + 1, wait=preempted)
+                if preempted:
+                    msg = (f"preempted (SIGTERM): checkpoint saved at step {step + 1} in {ckpt.directory}; "
+                           f"run the same command again to resume")
+                    print(f"embedrl: {msg}", file=sys.stderr, flush=True)  # also without logging set up
+                    raise Preempted(step + 1)
                 if cfg.export_every and (step + 1) % cfg.export_every == 0 and step + 1 != total:
                     self.export()
         finally:
+            stop.restore()
             ckpt.close()
             writer.close()
-        if (cfg.export if export is None else export) and (last or not (self.export_dir / "config.json").exists()):
+        if (cfg.export if export is None else export) and (last or not ((self.export_dir / "config.json").exists()
+                                                                 and is_published(self.export_dir))):
             self.export()
         return last
 
+    def _preempted(self, step: int, stop: "_StopSignal") -> bool:
+        """True at the one step every host agreed on after a SIGTERM: JAX's preemption sync point
+        when distributed (every host calls it every step), this process's own flag otherwise."""
+        if self.process[1] > 1:
+            try:
+                return bool(multihost_utils.reached_preemption_sync_point(step))
+            except RuntimeError:  # the preemption service is off: fall back to the signal flag
+                pass
+        return stop.requested
+
+    def _clock_due(self, last_save: float) -> bool:
+        """Wall-clock checkpointing: process 0's clock decides for every host."""
+        if not self.cfg.checkpoint_minutes:
+            return False
+        due = time.monotonic() - last_save >= 60 * self.cfg.checkpoint_minutes
+        if self.process[1] > 1:
+            due = bool(multihost_utils.broadcast_one_to_all(np.int32(due)))
+        return due
+
+    def batch_datasets(self, x) -> list[str]:
+        """The datasets of one step's input (for error messages): records' `dataset` names."""
+        try:
+            return sorted({str(r.dataset) for r in x if getattr(r, "dataset", "")})
+        except TypeError:
+            return []
+
     # -- export
     @property
-    def export_dir(self) -> Path:
+    def export_dir(self):
         return self.workdir / "export"
 
     def export(self, out_dir=None, *, overwrite: bool = True) -> Path:
         """The merged model (LoRA folded in) as an HF directory with the tokenizer, the image
         processor and `export_config()` (the Embedder's emb_token_ids), published atomically;
         tensors keep the source checkpoint's dtypes."""
-        out = Path(out_dir) if out_dir is not None else self.export_dir
+        out = as_path(out_dir) if out_dir is not None else self.export_dir
         mdef, merged = self.mdef.merged(self.model_params())
         handle = Qwen3VLHandle(self.base.config, mdef, merged, self.mesh, source=self.source,
                                source_dtypes=self.base.source_dtypes)
 
-        def processors(tmp: Path):
+        def processors(tmp: Path):  # a local directory (save_hf stages it for object stores)
             self.tokenizer.save_pretrained(tmp)
             if not (tmp / "preprocessor_config.json").exists():
                 self.image_processor.save_pretrained(tmp)
 
         return save_hf(handle, out, overwrite=overwrite, extra_config=self.export_config() or None,
                        write_extra=processors)
+
+
+class _StopSignal:
+    """SIGTERM sets a flag the loop reads between steps (the step in flight finishes). With one
+    process the handler is ours; distributed, JAX's preemption service watches the signal."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
