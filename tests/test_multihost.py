@@ -37,12 +37,18 @@ def _launch(workdir, port, verb="train-embedder", run=RUN):
     outs = []
     try:
         for p in procs:
-            outs.append(p.communicate(timeout=900)[0])
+            try:
+                outs.append(p.communicate(timeout=900)[0])
+            except subprocess.TimeoutExpired:
+                p.kill()
+                outs.append(p.communicate()[0])
     finally:
         for p in procs:
             p.kill()
-    for i, (p, out) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, f"process {i} failed:\n{out[-4000:]}"
+    failed = [i for i, p in enumerate(procs) if p.returncode != 0]
+    assert not failed, f"process(es) {failed} failed:\n" + "\n".join(
+        f"--- process {i} (exit {p.returncode}) ---\n{(out or '')[-4000:]}"
+        for i, (p, out) in enumerate(zip(procs, outs)))
     return outs
 
 
