@@ -34,11 +34,17 @@ def _launch(workdir, port, verb="train-embedder", run=RUN):
     procs = [subprocess.Popen(cmd + ["--process-id", str(i), verb, "--workdir", str(workdir), *run],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
+    return wait_all(procs)
+
+
+def wait_all(procs, timeout=900) -> list[str]:
+    """Every process's output; on any failure the assertion shows each process's exit code and
+    output tail (a hang on one host is usually explained by an error on another)."""
     outs = []
     try:
         for p in procs:
             try:
-                outs.append(p.communicate(timeout=900)[0])
+                outs.append(p.communicate(timeout=timeout)[0])
             except subprocess.TimeoutExpired:
                 p.kill()
                 outs.append(p.communicate()[0])
