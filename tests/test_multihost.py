@@ -112,3 +112,20 @@ def test_two_processes_run_eg_rl_like_one(tmp_path):
     for k in ("loss", "reward/outcome", "reward/acc", "grad_norm", "response_length"):
         assert abs(one[0][k] - two[0][k]) < 1e-6, (k, one[0][k], two[0][k])
     _same_exports(tmp_path / "one" / "export", tmp_path / "two" / "export", 1e-6)
+
+
+def test_barrier_inside_a_process_0_only_build_is_refused(tmp_path):
+    """primary_first's build runs on process 0 alone first: a barrier there would pair with the other
+    processes' wait for the build and deadlock the run, so it is refused, with one process too."""
+    from embedrl_jax.fsutil import primary_first, sync_processes
+    from embedrl_jax.toy.base import build_tiny_base
+
+    with pytest.raises(RuntimeError, match="inside the process-0-only build 'tiny'"):
+        primary_first(lambda: sync_processes("embedrl_save_hf"), "tiny")
+    with pytest.raises(RuntimeError, match="inside the process-0-only build 'outer'"):
+        primary_first(lambda: primary_first(lambda: None, "inner"), "outer")
+    assert primary_first(lambda: 7, "plain") == 7
+    sync_processes("after")  # the refusal ends with the build
+    # the toy base is built inside primary_first by every trainer: it must take no barrier
+    path = primary_first(lambda: build_tiny_base(tmp_path / "base", vocab=512), "embedrl_tiny_base")
+    assert (path / "config.json").exists()
