@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import uuid
 from pathlib import Path
 
@@ -120,8 +121,20 @@ def local_staging(directory):
     return local, finish
 
 
+_solo = threading.local()  # inside primary_first's build: what only process 0 runs first
+
+
 def sync_processes(name: str) -> None:
-    """A barrier across the processes of a multi-host run (nothing with one process)."""
+    """A barrier across the processes of a multi-host run (nothing with one process).
+
+    Refused inside a `primary_first` build, with one process too (so single-process tests catch
+    it): process 0 builds alone there, so a barrier pairs with the other processes' wait for the
+    build and the run deadlocks (as the toy base did when it was written through `save_hf`).
+    """
+    if getattr(_solo, "build", None):
+        raise RuntimeError(f"barrier {name!r} inside the process-0-only build {_solo.build!r} (primary_first): "
+                           "the other processes never reach it; build without collectives (no save_hf, "
+                           "save_params, sync_processes or primary_first there)")
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
 
@@ -136,8 +149,18 @@ def primary_first(build, name: str):
     """
     if jax.process_index() == 0:
         try:
-            return build()
+            return _alone(build, name)
         finally:
             sync_processes(name)
     sync_processes(name)
-    return build()
+    return _alone(build, name)
+
+
+def _alone(build, name: str):
+    """`build()` with barriers refused (see `sync_processes`)."""
+    outer = getattr(_solo, "build", None)
+    _solo.build = name
+    try:
+        return build()
+    finally:
+        _solo.build = outer

@@ -34,15 +34,27 @@ def _launch(workdir, port, verb="train-embedder", run=RUN):
     procs = [subprocess.Popen(cmd + ["--process-id", str(i), verb, "--workdir", str(workdir), *run],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
+    return wait_all(procs)
+
+
+def wait_all(procs, timeout=900) -> list[str]:
+    """Every process's output; on any failure the assertion shows each process's exit code and
+    output tail (a hang on one host is usually explained by an error on another)."""
     outs = []
     try:
         for p in procs:
-            outs.append(p.communicate(timeout=900)[0])
+            try:
+                outs.append(p.communicate(timeout=timeout)[0])
+            except subprocess.TimeoutExpired:
+                p.kill()
+                outs.append(p.communicate()[0])
     finally:
         for p in procs:
             p.kill()
-    for i, (p, out) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, f"process {i} failed:\n{out[-4000:]}"
+    failed = [i for i, p in enumerate(procs) if p.returncode != 0]
+    assert not failed, f"process(es) {failed} failed:\n" + "\n".join(
+        f"--- process {i} (exit {p.returncode}) ---\n{(out or '')[-4000:]}"
+        for i, (p, out) in enumerate(zip(procs, outs)))
     return outs
 
 
@@ -100,3 +112,20 @@ def test_two_processes_run_eg_rl_like_one(tmp_path):
     for k in ("loss", "reward/outcome", "reward/acc", "grad_norm", "response_length"):
         assert abs(one[0][k] - two[0][k]) < 1e-6, (k, one[0][k], two[0][k])
     _same_exports(tmp_path / "one" / "export", tmp_path / "two" / "export", 1e-6)
+
+
+def test_barrier_inside_a_process_0_only_build_is_refused(tmp_path):
+    """primary_first's build runs on process 0 alone first: a barrier there would pair with the other
+    processes' wait for the build and deadlock the run, so it is refused, with one process too."""
+    from embedrl_jax.fsutil import primary_first, sync_processes
+    from embedrl_jax.toy.base import build_tiny_base
+
+    with pytest.raises(RuntimeError, match="inside the process-0-only build 'tiny'"):
+        primary_first(lambda: sync_processes("embedrl_save_hf"), "tiny")
+    with pytest.raises(RuntimeError, match="inside the process-0-only build 'outer'"):
+        primary_first(lambda: primary_first(lambda: None, "inner"), "outer")
+    assert primary_first(lambda: 7, "plain") == 7
+    sync_processes("after")  # the refusal ends with the build
+    # the toy base is built inside primary_first by every trainer: it must take no barrier
+    path = primary_first(lambda: build_tiny_base(tmp_path / "base", vocab=512), "embedrl_tiny_base")
+    assert (path / "config.json").exists()

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from embedrl_jax.cli import main
-from test_multihost import RUN, _free_port, _same_exports
+from test_multihost import RUN, _free_port, _same_exports, wait_all
 
 # The project's meshes (sharding.make_mesh without explicit devices) take the devices in the order
 # [p0 d0, p0 d1, p1 d0, p1 d1, p0 d2, p0 d3, p1 d2, p1 d3], so the (data=2, fsdp=2, tensor=2) mesh
@@ -42,15 +42,7 @@ def test_two_interleaved_processes_train_like_one(tmp_path):
     verb = ["train-embedder", "--workdir", str(tmp_path / "two"), *RUN]
     procs = [subprocess.Popen(cmd + ["--process-id", str(i), *verb], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=900)[0])
-    finally:
-        for p in procs:
-            p.kill()
-    for i, (p, out) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, f"process {i} failed:\n{out[-4000:]}"
+    outs = wait_all(procs)
     assert "process 1 of 2, 8 devices in all" in outs[1]
     assert "DEVICE ORDER [0, 0, 1, 1, 0, 0, 1, 1]" in outs[0]
     one = [json.loads(line) for line in open(tmp_path / "one" / "metrics.jsonl")]
@@ -99,14 +91,7 @@ def test_two_processes_sharing_every_row_load_the_same_samples():
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
     procs = [subprocess.Popen([sys.executable, "-c", SHARED_ROWS_MAIN, str(port), str(i)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=600)[0])
-    finally:
-        for p in procs:
-            p.kill()
-    for i, (p, out) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, f"process {i} failed:\n{out[-4000:]}"
+    outs = wait_all(procs, timeout=600)
+    for i, out in enumerate(outs):
         assert f"SHARD {i} 0 1" in out and f"SHARED ROWS OK {i}" in out
         assert "REFUSED processes 0 and 1 hold the same batch rows (data shard 0) but passed different ['x']" in out
