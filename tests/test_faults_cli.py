@@ -173,8 +173,8 @@ def test_nan_steps_are_skipped_counted_and_k_in_a_row_stop_the_run(emb):
     assert "step 6: 3 steps in a row had a non-finite loss or gradient norm" in out
     assert "toy_t2i_train" in out and "checkpoint saved at step 6" in out
     rows = read_metrics(w / "metrics.jsonl")
-    assert [r["skipped"] for r in rows] == [0, 1, 0, 1, 1, 1]
-    assert [r["skipped_total"] for r in rows] == [0, 1, 1, 2, 3, 4]
+    assert [r["skipped_steps"] for r in rows] == [0, 1, 0, 1, 1, 1]
+    assert [r["skipped_steps_total"] for r in rows] == [0, 1, 1, 2, 3, 4]
     assert np.isnan(rows[1]["loss"]) and np.isfinite(rows[2]["loss"])
     assert "step 2: loss nan" in out
     # reference and NaN run agree up to the skipped step: the loss of step 1 is the same

@@ -373,9 +373,10 @@ class Trainer:
                 row = {"step": step + 1, **self.train_step(step, x)}
                 row.setdefault("lr", float(lr_fn(step * self.updates_per_step)))
                 skipped, in_row = (int(v) for v in jax.device_get((self.state["skipped"], self.state["skipped_in_row"])))
-                row["skipped"], row["skipped_total"] = skipped - skipped_before, skipped
+                # bad (non-finite) steps; "skipped" stays the trainers' own count of skipped records
+                row["skipped_steps"], row["skipped_steps_total"] = skipped - skipped_before, skipped
                 skipped_before = skipped
-                if row["skipped"]:
+                if row["skipped_steps"]:
                     log.warning("step %d: loss %s, gradient norm %s: not finite; update skipped (%d in a row)",
                                 step + 1, row.get("loss"), row.get("grad_norm"), in_row)
                 if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == total):
