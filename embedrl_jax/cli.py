@@ -48,13 +48,7 @@ class _Timer:
 def _mesh_arg(text: str):
     from .sharding import MeshConfig
 
-    try:
-        dims = [int(x) for x in text.split(",")]
-    except ValueError:
-        dims = []
-    if len(dims) != 3:
-        raise UserError(f"--mesh {text!r}: expected three comma-separated sizes data,fsdp,tensor (e.g. 1,-1,1)")
-    return MeshConfig(*dims)
+    return MeshConfig.parse(text)
 
 
 def _make_mesh(text: str | None):

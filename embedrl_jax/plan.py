@@ -865,13 +865,7 @@ def _libtpu_version() -> str | None:
 def parse_mesh(text: str):
     from .sharding import MeshConfig
 
-    try:
-        dims = [int(x) for x in text.split(",")]
-    except ValueError:
-        dims = []
-    if len(dims) != 3:
-        raise UserError(f"--mesh {text!r}: expected three comma-separated sizes data,fsdp,tensor (e.g. 1,-1,1)")
-    return MeshConfig(*dims)
+    return MeshConfig.parse(text)
 
 
 # ------------------------------------------------------------------ text report and CLI

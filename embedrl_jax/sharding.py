@@ -19,6 +19,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from .errors import UserError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical name -> mesh axis (or tuple of axes, or None = replicated)
@@ -56,6 +58,17 @@ class MeshConfig:
     fsdp: int = -1
     tensor: int = 1
     slices: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> "MeshConfig":
+        """`--mesh D,F,T` (one slice's data, fsdp, tensor sizes) as given on a command line."""
+        try:
+            dims = [int(x) for x in text.split(",")]
+        except ValueError:
+            dims = []
+        if len(dims) != 3:
+            raise UserError(f"--mesh {text!r}: expected three comma-separated sizes data,fsdp,tensor (e.g. 1,-1,1)")
+        return cls(*dims)
 
     def slice_shape(self, n_devices: int) -> tuple[int, int, int]:
         """(data, fsdp, tensor) inside one slice of `n_devices / slices` devices."""
