@@ -14,7 +14,7 @@ from embedrl_jax.data.sft import SFTDataConfig, load_sft_samples
 from embedrl_jax.prompts import load_prompts, reasoner_prompt
 from embedrl_jax.rl.config import RLDataConfig
 from embedrl_jax.train.embedder import DataConfig, read_data_file
-from embedrl_jax.train.reasoner import read_rl_files
+from embedrl_jax.data.records import read_rl_files
 
 
 

@@ -601,3 +601,21 @@ def file_roots(path, cfg) -> tuple[str | None, str | None]:
         return os.path.expanduser(default) if default else None
 
     return pick(cfg.image_roots, cfg.image_root), pick(cfg.frames_roots, cfg.frames_root)
+
+
+def read_rl_files(cfg) -> tuple[list[list], list[str], dict[str, int]]:
+    """The RL pair files -> (records per file, dataset names, skipped per dataset). Each file is a
+    JSON array or JSONL of MMEB-train or LLaVA-Hound records, its relative media under its roots.
+    `cfg`: the RL data config (files, skip_bad and the media roots `file_roots` reads)."""
+    sources, names, skipped = [], [], {}
+    for path in cfg.files:
+        image_root, frames_root = file_roots(path, cfg)
+        records, report = read_pairs(path, skip_bad=cfg.skip_bad, image_root=image_root,
+                                     frames_root=frames_root, negatives=False)
+        if not records:
+            raise UserError(f"{path}: no usable pairs ({report})")
+        name = os.path.splitext(os.path.basename(str(path)))[0]
+        sources.append(records)
+        names.append(name)
+        skipped[name] = report.skipped
+    return sources, names, skipped

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -24,10 +23,10 @@ from jax.sharding import NamedSharding
 from .. import lora as lora_lib
 from ..data import pipeline
 from ..data.inputs import InputConfig, load_image_processor, load_tokenizer
-from ..data.records import file_roots, read_pairs
+from ..data.records import read_rl_files
 from ..data.toy_rl import ToyRLConfig
 from ..embed.embedder import Embedder
-from ..errors import ConfigError, UserError
+from ..errors import ConfigError
 from ..hf import BATCH_AXES
 from ..lora import LoraConfig
 from ..models.qwen3_vl.inputs import Buckets
@@ -45,7 +44,7 @@ from .core import Trainer, TrainerConfig
 from .state import OptimConfig
 
 __all__ = ["RolloutConfig", "GRPOConfig", "RLDataConfig", "ToyRLConfig", "ReasonerRLConfig", "make_grpo_update",
-           "read_rl_files", "ReasonerRLTrainer"]
+           "ReasonerRLTrainer"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,22 +136,6 @@ def make_grpo_update(mdef, ref_mdef, optimizer, cfg: ReasonerRLConfig):
         return state, jax.tree.map(jnp.mean, mets)
 
     return update
-
-
-def read_rl_files(cfg: RLDataConfig) -> tuple[list[list], list[str], dict[str, int]]:
-    """The RL pair files -> (records per file, dataset names, skipped per dataset). Each file is a
-    JSON array or JSONL of MMEB-train or LLaVA-Hound records, its relative media under its roots."""
-    sources, names, skipped = [], [], {}
-    for path in cfg.files:
-        image_root, frames_root = file_roots(path, cfg)
-        records, report = read_pairs(path, skip_bad=cfg.skip_bad, image_root=image_root,
-                                     frames_root=frames_root, negatives=False)
-        if not records:
-            raise UserError(f"{path}: no usable pairs ({report})")
-        sources.append(records)
-        names.append(Path(path).stem)
-        skipped[Path(path).stem] = report.skipped
-    return sources, names, skipped
 
 
 # ------------------------------------------------------------------ the trainer
