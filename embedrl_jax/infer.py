@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from .eval.readers import choose_frames
+from .errors import UserError
 
 __all__ = ["read_items", "tcot_key", "load_tcots", "attach_tcots", "generate_tcots", "item_fingerprint",
            "KeyedStore", "encode_items_file", "exact_topk", "build_faiss", "search_index", "add_parsers",
@@ -73,7 +74,7 @@ def read_jsonl(path, *, tolerate_tail: bool = False) -> list[dict]:
         except json.JSONDecodeError as e:
             if tolerate_tail and n == len(lines) - 1:
                 break
-            raise ValueError(f"{path} line {n + 1}: {e}") from None
+            raise UserError(f"{path} line {n + 1}: {e}") from None
     return rows
 
 
@@ -90,7 +91,7 @@ def read_items(path, root: str | None = None) -> tuple[list[str], list[dict]]:
     ids, items = [], []
     for i, row in enumerate(read_jsonl(path)):
         if not isinstance(row, dict):
-            raise ValueError(f"{path} line {i + 1}: expected a JSON object")
+            raise UserError(f"{path} line {i + 1}: expected a JSON object")
         item = {k: v for k, v in row.items() if k != "id"}
         if isinstance(item.get("image"), str):
             item["images"] = [item.pop("image")]
@@ -145,7 +146,7 @@ def load_tcots(path) -> dict[str, str]:
         key = _official_key(row)
         cot = next((row[f] for f in ("cot", "tcot", "query_cot", "pos_cot", "response") if f in row), None)
         if key is None or cot is None:
-            raise ValueError(f"T-CoT file {path} line {i + 1}: no key or no T-CoT field (fields: {sorted(row)})")
+            raise UserError(f"T-CoT file {path} line {i + 1}: no key or no T-CoT field (fields: {sorted(row)})")
         out[key] = str(cot)
     return out
 
@@ -162,7 +163,7 @@ def attach_tcots(items: Sequence[dict], tcots: Mapping[str, str], side: str, *, 
         out.append(item)
     if tcots and items and hits == 0:
         example = tcot_key(items[0], side)
-        raise ValueError(f"T-CoT cache {source}: none of its {len(tcots)} keys match the {len(items)} {side} items "
+        raise UserError(f"T-CoT cache {source}: none of its {len(tcots)} keys match the {len(items)} {side} items "
                          f"(an item key looks like {example!r}, a file key like {next(iter(tcots))!r})")
     return out, hits
 
@@ -194,7 +195,7 @@ def generate_tcots(reasoner, items: Sequence[Mapping], out_path, *, side: str = 
     from .prompts import reasoner_prompt
 
     if side not in SIDES:
-        raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+        raise UserError(f"side must be one of {SIDES}, got {side!r}")
     out_path = Path(out_path)
     partial = out_path.with_name(out_path.name + ".partial")
     order: dict[str, Mapping] = {}
@@ -371,7 +372,7 @@ def exact_topk(queries: np.ndarray, corpus: np.ndarray, k: int, *, mesh=None, qu
     corpus = np.asarray(corpus, np.float32)
     n = corpus.shape[0]
     if n == 0:
-        raise ValueError("the index is empty")
+        raise UserError("the index is empty")
     k = min(int(k), n)
     if mesh is None:
         mesh = make_mesh(MeshConfig(1, -1, 1))
@@ -432,7 +433,7 @@ def search_index(index_dir, queries: np.ndarray, k: int = 10, *, use_faiss: bool
         use_faiss = faiss is not None and (index_dir / "index.faiss").exists()
     if use_faiss:
         if faiss is None:
-            raise ValueError("faiss is not installed (pip install 'embedrl-jax[faiss]')")
+            raise UserError("faiss is not installed (pip install 'embedrl-jax[faiss]')")
         if not (index_dir / "index.faiss").exists():
             build_faiss(index_dir)
         index = faiss.read_index(str(index_dir / "index.faiss"))
@@ -466,7 +467,7 @@ def input_config(pairs: Sequence[str] | None):
     for p in pairs or ():
         k, sep, v = p.partition("=")
         if not sep or k not in fields:
-            raise ValueError(f"--input {p!r}: expected key=value with key in {sorted(fields)}")
+            raise UserError(f"--input {p!r}: expected key=value with key in {sorted(fields)}")
         default = getattr(InputConfig(), k)
         if v.lower() == "none":
             kw[k] = None
@@ -522,10 +523,10 @@ def _overrides(pairs: Sequence[str], defaults: dict) -> dict:
     out = dict(defaults)
     for p in pairs:
         if "=" not in p:
-            raise ValueError(f"override {p!r}: expected key=value")
+            raise UserError(f"override {p!r}: expected key=value")
         k, v = p.split("=", 1)
         if k not in defaults:
-            raise ValueError(f"unknown override {k!r} (known: {sorted(defaults)})")
+            raise UserError(f"unknown override {k!r} (known: {sorted(defaults)})")
         out[k] = v
     return out
 
@@ -550,7 +551,7 @@ def run_search(args) -> int:
         qids = [str(i) for i in range(len(qvecs))]
     else:
         if not args.embedder:
-            raise ValueError("--queries is an items file: pass --embedder to embed it (or give an encode output folder)")
+            raise UserError("--queries is an items file: pass --embedder to embed it (or give an encode output folder)")
         encode, _ = embedder_encoder(args.embedder, mesh=_mesh(args.mesh), dtype=args.dtype, dim=args.dim,
                                      inputs=args.input)
         qids, items = read_items(q, args.root)

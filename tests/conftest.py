@@ -22,3 +22,18 @@ _CACHE_DIR = tempfile.mkdtemp(prefix="embedrl-jax-cache-")
 atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)  # per session: leave nothing in /tmp
 jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+# Long in-process runs keep every compiled program of every module alive; XLA:CPU crashed once
+# (a segfault while compiling) late in a full suite run. Free the compiled programs after each
+# module: repeats within a module stay cached, and the persistent cache above serves the rest.
+import gc  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs_after_module():
+    yield
+    jax.clear_caches()
+    gc.collect()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from ..errors import UserError
 
 __all__ = ["add_parsers", "add_eval"]
 
@@ -25,7 +26,7 @@ def run_mmeb(args) -> int:
     if not Path(args.data_root).is_dir():
         raise FileNotFoundError(f"--data-root {args.data_root}: no such directory")
     if args.tcot and args.reasoner:
-        raise ValueError("--tcot and --reasoner exclude each other")
+        raise UserError("--tcot and --reasoner exclude each other")
     if args.tcot and not Path(args.tcot).is_dir():
         raise FileNotFoundError(f"--tcot {args.tcot}: no such directory")
     encode, tag = _encoder(args)

@@ -26,6 +26,7 @@ from ..infer import (KeyedStore, attach_tcots, encode_cached, exact_topk, genera
 from .metrics import KS, SCORE_KEYS, main_metric, query_metrics, rank, task_scores
 from .readers import TaskData, read_task
 from .tasks import META_TASKS, MODALITIES, TASKS, TaskSpec, aggregate_key, tasks_for
+from ..errors import UserError
 
 __all__ = ["evaluate_task", "evaluate", "summarize", "score_task", "MISSING"]
 
@@ -157,7 +158,7 @@ def summarize(out_dir, *, metadata: Mapping | None = None) -> dict:
             obj = json.loads(f.read_text())
             missing = [k for k in SCORE_KEYS if k not in obj]
             if missing:
-                raise ValueError(f"{f}: not a score file (missing {missing[:3]}...)")
+                raise UserError(f"{f}: not a score file (missing {missing[:3]}...)")
             metrics[spec.modality][aggregate_key(spec.name)] = obj
             main[spec.name] = float(obj[main_metric(spec.modality)])
         else:

@@ -31,6 +31,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from .tasks import TaskSpec
+from ..errors import UserError
 
 __all__ = ["TaskData", "read_task", "read_rows", "choose_frames", "natural_key", "TaskFileError",
            "VIDEO_CANDIDATE_TEXT", "VISDOC_QUERY", "VISDOC_PAGE_TEXT"]
@@ -99,7 +100,7 @@ def read_rows(folder: str, task: str, what: str = "annotations") -> list[dict]:
                         try:
                             rows.append(json.loads(line))
                         except json.JSONDecodeError as e:
-                            raise ValueError(f"task {task}: {f} line {n + 1}: {e}") from None
+                            raise UserError(f"task {task}: {f} line {n + 1}: {e}") from None
         else:
             import pyarrow.parquet as pq
 
@@ -109,7 +110,7 @@ def read_rows(folder: str, task: str, what: str = "annotations") -> list[dict]:
 
 def _need(row: dict, field: str, task: str, i: int):
     if field not in row:
-        raise ValueError(f"task {task}: row {i} has no field {field!r} (fields: {sorted(row)})")
+        raise UserError(f"task {task}: row {i} has no field {field!r} (fields: {sorted(row)})")
     return row[field]
 
 
@@ -186,7 +187,7 @@ def read_image_task(spec: TaskSpec, root: str, *, skip_missing: bool = False) ->
         paths = list(row.get("tgt_img_path") or [])
         n = max(len(texts), len(paths))
         if n == 0:
-            raise ValueError(f"task {spec.name}: row {i} has no candidates")
+            raise UserError(f"task {spec.name}: row {i} has no candidates")
         texts += [""] * (n - len(texts))
         paths += [""] * (n - len(paths))
         tinst = _strip_marker(row.get("tgt_inst") or "").strip()
@@ -219,7 +220,7 @@ def _first(row: dict, fields: tuple[str, ...], task: str, i: int):
     for f in fields:
         if f in row and row[f] not in (None, ""):
             return row[f]
-    raise ValueError(f"task {task}: row {i} has none of the fields {list(fields)} (fields: {sorted(row)})")
+    raise UserError(f"task {task}: row {i} has none of the fields {list(fields)} (fields: {sorted(row)})")
 
 
 def _video_id(value) -> str:
@@ -239,7 +240,7 @@ def read_video_task(spec: TaskSpec, root: str, *, skip_missing: bool = False) ->
             return None
         frames = choose_frames(folder)
         if not frames:
-            raise ValueError(f"task {spec.name}: row {row}: frame folder {folder} holds no images")
+            raise UserError(f"task {spec.name}: row {row}: frame folder {folder} holds no images")
         return frames
 
     labels_file = os.path.join(root, "video-annotations", spec.name, "labels.txt")
@@ -293,7 +294,7 @@ def read_video_task(spec: TaskSpec, root: str, *, skip_missing: bool = False) ->
             else:
                 label = str(answer)
             if label not in names:
-                raise ValueError(f"task {spec.name}: row {i}: answer {answer!r} is not among the options {names}")
+                raise UserError(f"task {spec.name}: row {i}: answer {answer!r} is not among the options {names}")
             b.queries.append({"text": VIDEO_QA_INSTRUCTION + question + "\n" + "\n".join(options), "video": frames,
                               "key": f"{vid}||{question}"})
             b.local.append([b.cand(n, {"text": t, "key": t}) for n, t in zip(names, texts)])
@@ -306,7 +307,7 @@ def read_video_task(spec: TaskSpec, root: str, *, skip_missing: bool = False) ->
                     clip_paths.append(str(c["output_path"] if isinstance(c, dict) else c))
             n_pos = len(row.get("positive_frames") or [])
             if not n_pos:
-                raise ValueError(f"task {spec.name}: row {i} has no positive_frames")
+                raise UserError(f"task {spec.name}: row {i} has no positive_frames")
             folders = [os.path.join(frames_root, os.path.splitext(c)[0]) for c in clip_paths]
             inp = str(row.get("input_frames") or "")
             query = {"text": f"{VIDEO_MRET_INSTRUCTION} {query_text}", "key": f"{inp}||{query_text}"}
@@ -336,7 +337,7 @@ def read_video_task(spec: TaskSpec, root: str, *, skip_missing: bool = False) ->
                            key=natural_key)
             positives = [c for c in clips if c.startswith("positive")]
             if not positives:
-                raise ValueError(f"task {spec.name}: row {i}: no positive* clip folder in {folder}")
+                raise UserError(f"task {spec.name}: row {i}: no positive* clip folder in {folder}")
             ids = [b.cand(f"{vid}/{c}", {"text": VIDEO_CANDIDATE_TEXT, "video": choose_frames(os.path.join(folder, c)),
                                           "key": f"{vid}/{c}"}) for c in clips]
             query = {"text": f"{VIDEO_MRET_INSTRUCTION} {query_text}", "key": f"{vid}||{query_text}"}
@@ -346,7 +347,7 @@ def read_video_task(spec: TaskSpec, root: str, *, skip_missing: bool = False) ->
             b.local.append(ids)
             b.labels.append([f"{vid}/{c}" for c in positives])
     if not b.queries and not b.skipped:
-        raise ValueError(f"task {spec.name}: no rows")
+        raise UserError(f"task {spec.name}: no rows")
     return b.done(local=spec.pool == "local")
 
 

@@ -6,6 +6,7 @@ The order is ``modality2dataset`` of report_score_v2.py; the two ``-page`` keys 
 from __future__ import annotations
 
 import dataclasses
+from ..errors import UserError
 
 __all__ = ["TaskSpec", "TASKS", "MODALITIES", "META_TASKS", "tasks_for", "aggregate_key"]
 
@@ -86,7 +87,7 @@ def tasks_for(selection: str | None) -> list[TaskSpec]:
         elif part.endswith("-fixed") and part[: -len("-fixed")] in TASKS:
             out.append(TASKS[part[: -len("-fixed")]])
         else:
-            raise ValueError(f"unknown task {part!r} (a task key, a modality {MODALITIES} or a meta-task "
+            raise UserError(f"unknown task {part!r} (a task key, a modality {MODALITIES} or a meta-task "
                              f"{tuple(META_TASKS)})")
     seen: set[str] = set()
     return [t for t in out if not (t.name in seen or seen.add(t.name))]

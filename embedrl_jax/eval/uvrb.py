@@ -16,6 +16,7 @@ import numpy as np
 
 from ..infer import KeyedStore, encode_cached, exact_topk, read_jsonl, write_json_atomic
 from .readers import VIDEO_CANDIDATE_TEXT, TaskFileError, choose_frames
+from ..errors import UserError
 
 __all__ = ["UVRB_DATASETS", "ABILITIES", "MAIN_METRIC", "read_uvrb", "evaluate_uvrb", "uvrb_summary"]
 
@@ -92,7 +93,7 @@ def evaluate_uvrb(encode: Callable, root, out_dir, datasets=None, *, model_tag: 
         raise FileNotFoundError(f"no UVRB dataset folder under {root} (expected e.g. {root}/MSRVTT/UVRB/MSRVTT)")
     for ds in datasets:
         if ds not in UVRB_DATASETS:
-            raise ValueError(f"unknown UVRB dataset {ds!r} (known: {UVRB_DATASETS})")
+            raise UserError(f"unknown UVRB dataset {ds!r} (known: {UVRB_DATASETS})")
         queries, corpus, _, positives = read_uvrb(os.fspath(root), ds, (prompts or {}).get(ds, DEFAULT_PROMPT))
         cache = out_dir / "cache" / model_tag / f"uvrb-{ds}"
         q, _ = encode_cached(encode, queries, KeyedStore(cache / "qry"))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from ..errors import UserError
 
 __all__ = ["add_parser", "run", "serve"]
 
@@ -58,7 +59,7 @@ def build_engine(args, cfg):
 
         dims = [int(x) for x in args.mesh.split(",")]
         if len(dims) != 3:
-            raise ValueError(f"--mesh {args.mesh!r}: expected data,fsdp,tensor")
+            raise UserError(f"--mesh {args.mesh!r}: expected data,fsdp,tensor")
         mesh = make_mesh(MeshConfig(*dims))
     if args.allow_local_files is not None and not Path(args.allow_local_files).is_dir():
         raise FileNotFoundError(f"--allow-local-files {args.allow_local_files}: no such directory")
