@@ -4,10 +4,17 @@ library orbax uses) behind one `as_path`, and atomic publication of files and di
 Local directories are published by rename (atomic). Object stores have no atomic directory
 rename, so a published directory there is complete only when its commit marker
 (`COMMIT_MARKER`) exists: the old copy loses its marker first, the new files are copied in, the
-marker is written last; `is_published` is what readers check.
+marker is written last; `is_published` is what readers check. The marker holds a unique id per
+publication, so a local copy of a published directory (`local_copy`) knows when it is stale.
+
+Writers build in a local directory (`staged_dir`) and publish it; readers that need local files
+(transformers' tokenizer and processor, PIL, the record readers) read through `local_copy`; the
+safetensors reader streams object-store files through `epath` (`safetensors_io`).
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -20,9 +27,10 @@ import jax
 from etils import epath
 from jax.experimental import multihost_utils
 
-from .errors import UserError
+from .errors import MissingFileError, UserError
 
 COMMIT_MARKER = "commit_success.txt"  # the name orbax uses for the same purpose
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".ckpt")
 
 
 def is_remote(path) -> bool:
@@ -50,11 +58,15 @@ def is_published(directory) -> bool:
     return (d / COMMIT_MARKER).exists() if is_remote(d) else d.is_dir()
 
 
-def _copy_tree(src: epath.Path, dst: epath.Path) -> None:
+def _copy_tree(src: epath.Path, dst: epath.Path, *, skip=(COMMIT_MARKER,)) -> None:
+    """Copy `src` into `dst` file by file; names in `skip` (the commit marker: the publisher
+    writes it last itself) are left out at every level."""
     dst.mkdir(parents=True, exist_ok=True)
     for child in src.iterdir():
+        if child.name in skip:
+            continue
         if child.is_dir():
-            _copy_tree(child, dst / child.name)
+            _copy_tree(child, dst / child.name, skip=skip)
         else:
             child.copy(dst / child.name, overwrite=True)
 
@@ -71,8 +83,8 @@ def replace_dir(tmp, dest) -> None:
         (dest / COMMIT_MARKER).unlink(missing_ok=True)  # from here on readers see no complete copy
         if dest.exists():
             dest.rmtree()
-        _copy_tree(tmp, dest)
-        (dest / COMMIT_MARKER).write_text("published\n")
+        _copy_tree(tmp, dest)  # the marker of `tmp`, if any, is not copied: it goes last
+        (dest / COMMIT_MARKER).write_text(f"published {uuid.uuid4().hex}\n")
         tmp.rmtree()
         return
     tmp, dest = Path(tmp), Path(dest)
@@ -119,6 +131,79 @@ def local_staging(directory):
         shutil.rmtree(local, ignore_errors=True)
 
     return local, finish
+
+
+@contextlib.contextmanager
+def staged_dir(dest):
+    """Build a directory for `dest` and publish it as a whole: yields an empty local directory
+    (locally a hidden sibling of `dest`, so the publication is a rename; for an object store a
+    local temporary directory, uploaded with the commit marker last); on success it replaces
+    `dest` (`replace_dir`), on failure it is removed and `dest` is untouched."""
+    if is_remote(dest):
+        tmp = Path(tempfile.mkdtemp(prefix="embedrl-stage-"))
+    else:
+        dest = Path(os.path.abspath(os.fspath(dest)))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would survive the rename
+    try:
+        yield tmp
+        replace_dir(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def require(path, what: str) -> epath.Path:
+    """`path` as an epath.Path; a MissingFileError naming `what` and the path when it does not
+    exist (an object store's "no such object" reads the same as a missing local file)."""
+    p = as_path(path)
+    if not p.exists():
+        raise MissingFileError(f"{what}: {os.fspath(path)} does not exist")
+    return p
+
+
+def cache_root() -> Path:
+    """Where local copies of object-store directories live: $EMBEDRL_CACHE, else
+    ~/.cache/embedrl_jax."""
+    return Path(os.environ.get("EMBEDRL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "embedrl_jax"))
+
+
+def local_copy(directory, *, side_files_only: bool = False) -> Path:
+    """A local directory with the files of `directory`, for readers that take local paths only.
+
+    A local `directory` is returned as it is. For an object-store URL the files are copied into
+    a directory under `cache_root()` (built aside and renamed into place). With `side_files_only`
+    only the top-level files that are not weights (`WEIGHT_SUFFIXES`) are copied -- a model
+    directory's config, tokenizer and processor files; the weights are streamed, not copied --
+    and a directory without a commit marker is fine. Otherwise the whole tree is copied and the
+    directory must be published (its commit marker present); the copy is reused while its marker
+    equals the object store's (every publication writes a new one).
+    """
+    if not is_remote(directory):
+        return Path(directory)
+    src = as_path(directory)
+    if not src.is_dir():
+        raise MissingFileError(f"{os.fspath(directory)} does not exist")
+    marker = src / COMMIT_MARKER
+    stamp = marker.read_text() if marker.exists() else None
+    if not side_files_only and stamp is None:
+        raise MissingFileError(f"{os.fspath(directory)} is not published (no {COMMIT_MARKER}): an interrupted upload "
+                               "or not written by embedrl_jax")
+    key = hashlib.sha1(f"{os.fspath(src)}|{side_files_only}".encode()).hexdigest()[:16]
+    dest = cache_root() / "remote" / f"{key}-{src.name}"
+    if stamp is not None and (dest / COMMIT_MARKER).is_file() and (dest / COMMIT_MARKER).read_text() == stamp:
+        return dest
+    with staged_dir(dest) as tmp:
+        if side_files_only:
+            for child in src.iterdir():
+                if not child.name.endswith(WEIGHT_SUFFIXES) and not child.is_dir():
+                    child.copy(epath.Path(tmp) / child.name, overwrite=True)
+        else:
+            _copy_tree(src, epath.Path(tmp))
+        if stamp is not None:
+            (tmp / COMMIT_MARKER).write_text(stamp)
+    return dest
 
 
 _solo = threading.local()  # inside primary_first's build: what only process 0 runs first

@@ -1,11 +1,15 @@
 """Hugging Face checkpoints in and out: `load_hf` streams safetensors into sharded params,
 `save_hf` writes them back through the same mapping table, atomically.
+
+Both take local paths or object-store URLs (fsutil): weights are streamed through epath, the
+config, tokenizer and processor files are read from a local copy (transformers reads local files).
 """
 from __future__ import annotations
 
 import functools
 import json
 import logging
+import os
 import uuid
 from pathlib import Path
 from typing import Any
@@ -17,7 +21,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from . import safetensors_io as st
-from .fsutil import COMMIT_MARKER, as_path, is_remote, local_staging, replace_dir, sync_processes
+from .errors import MissingFileError
+from .fsutil import COMMIT_MARKER, as_path, local_copy, local_staging, replace_dir, require, sync_processes
 from .models.qwen3_vl.config import Qwen3VLConfig
 from .models.qwen3_vl.inputs import HF_INPUT_NAMES, Buckets, pack_inputs
 from .models.qwen3_vl.mapping import Mapping, Row, get_path, set_path, stack_size
@@ -128,16 +133,17 @@ def _to_numpy(x):
 
 
 def read_hf_config(path: str | Path):
-    """(transformers config object, our model config), with a clear error for other models."""
-    path = Path(path)
-    cfg_file = path / "config.json"
-    if not cfg_file.exists():
-        raise FileNotFoundError(f"no config.json in {path}")
-    raw = json.loads(cfg_file.read_text())
+    """(transformers config object, our model config), with a clear error for other models.
+    `path` may be an object-store URL (transformers reads a local copy of the small files)."""
+    if not as_path(path).joinpath("config.json").exists():
+        raise MissingFileError(f"no config.json in {path}")
+    local = local_copy(path, side_files_only=True)
+    raw = json.loads((local / "config.json").read_text())
     ours = Qwen3VLConfig.from_hf_dict(raw)  # raises naming model_type if unsupported
     from transformers import AutoConfig
 
-    hf_cfg = AutoConfig.from_pretrained(path, local_files_only=True)
+    hf_cfg = AutoConfig.from_pretrained(local, local_files_only=True)
+    hf_cfg.name_or_path = os.fspath(path)  # the directory named, not its local copy
     return hf_cfg, ours
 
 
@@ -210,8 +216,9 @@ def load_params(path: str | Path, mdef: ModelDef, mesh, dtype=np.float32):
 
 
 def load_hf(path, *, dtype="float32", mesh=None, buckets: Buckets = Buckets()) -> Qwen3VLHandle:
-    """Load a Qwen3-VL HF directory (config.json + safetensors) onto `mesh` (default: one device)."""
-    path = Path(path)
+    """Load a Qwen3-VL HF directory (config.json + safetensors) onto `mesh` (default: one device).
+    `path` is a local directory or an object-store URL (gs://..., through fsutil)."""
+    path = require(path, "Hugging Face model directory")
     hf_cfg, ours = read_hf_config(path)
     mesh = mesh if mesh is not None else single_device_mesh()
     mdef = model_def(ours)

@@ -2,7 +2,8 @@
 
 The `safetensors` package's numpy API has no bfloat16; the format is a JSON header and
 raw little-endian buffers, so we map it directly with ml_dtypes. Reading maps the file
-and copies only the tensor asked for; writing streams tensors one by one.
+and copies only the tensor asked for; writing streams tensors one by one. Object-store files
+(gs://..., fsutil) are read through an epath handle, one ranged read per tensor: no local copy.
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from typing import Iterable, Iterator
 
 import ml_dtypes
 import numpy as np
-from etils import epath
+from .errors import MissingFileError
+from .fsutil import as_path, is_remote
 
 DTYPES = {
     "F64": np.dtype("<f8"),
@@ -35,17 +37,21 @@ SINGLE_NAME = "model.safetensors"
 
 
 class SafetensorsFile:
-    """One .safetensors file, mapped read-only."""
+    """One .safetensors file: mapped read-only (local) or read by ranges (object store)."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        with open(self.path, "rb") as f:
+        self.remote = is_remote(path)
+        self.path = as_path(path) if self.remote else Path(path)
+        if not self.path.exists():
+            raise MissingFileError(f"safetensors file {path} does not exist")
+        with self.path.open("rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(n))
         self.metadata = header.pop("__metadata__", {})
         self.header = header
         self.offset = 8 + n
         self._mmap = None
+        self._handle = None
 
     def keys(self):
         return self.header.keys()
@@ -55,14 +61,22 @@ class SafetensorsFile:
         return DTYPES[meta["dtype"]], tuple(meta["shape"])
 
     def get(self, key: str) -> np.ndarray:
-        if self._mmap is None:
-            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
         meta = self.header[key]
         dtype = DTYPES.get(meta["dtype"])
         if dtype is None:
             raise ValueError(f"{self.path}: tensor {key} has unsupported dtype {meta['dtype']}")
         start, end = meta["data_offsets"]
-        raw = self._mmap[self.offset + start : self.offset + end]
+        if self.remote:  # one ranged read of this tensor's bytes
+            if self._handle is None:
+                self._handle = self.path.open("rb")
+            self._handle.seek(self.offset + start)
+            raw = np.frombuffer(self._handle.read(end - start), dtype=np.uint8)
+            if raw.size != end - start:
+                raise ValueError(f"{self.path}: tensor {key} is truncated ({raw.size} of {end - start} bytes)")
+        else:
+            if self._mmap is None:
+                self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
+            raw = self._mmap[self.offset + start : self.offset + end]
         return raw.view(dtype).reshape(meta["shape"])
 
 
@@ -70,7 +84,9 @@ class CheckpointReader:
     """All tensors of an HF checkpoint directory (single file or sharded with an index)."""
 
     def __init__(self, directory: str | Path):
-        directory = Path(directory)
+        directory = as_path(directory) if is_remote(directory) else Path(directory)
+        if not directory.is_dir():
+            raise MissingFileError(f"checkpoint directory {directory} does not exist")
         index = directory / INDEX_NAME
         if index.exists():
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -86,7 +102,7 @@ class CheckpointReader:
         else:
             found = sorted(p.name for p in directory.glob("*.safetensors"))
             if not found:
-                raise FileNotFoundError(f"no safetensors weights in {directory}")
+                raise MissingFileError(f"no safetensors weights in {directory}")
             files = [SafetensorsFile(directory / n) for n in found]
             self.where = {k: f for f in files for k in f.keys()}
 
@@ -119,8 +135,8 @@ def write_file(path: str | Path, items: Iterable[tuple[str, np.ndarray]]) -> Non
     """Write tensors (materialised lazily by the iterable is not possible: header first)."""
     items = list(items)
     raw, _ = _header([(n, np.dtype(a.dtype), a.shape) for n, a in items])
-    local = "://" not in os.fspath(path)
-    with (open(path, "wb") if local else epath.Path(path).open("wb")) as f:  # object stores: through epath
+    local = not is_remote(path)
+    with (open(path, "wb") if local else as_path(path).open("wb")) as f:  # object stores: through epath
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for _, a in items:

@@ -74,6 +74,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from embedrl_jax import tcot as tcot_lib
 from embedrl_jax.errors import ConfigError
+from embedrl_jax.fsutil import local_copy, require
 
 __all__ = ["InputConfig", "ModelIds", "InputBuilder", "MAX_ASPECT_RATIO", "item_signature", "load_tokenizer",
            "load_image_processor"]
@@ -552,9 +553,11 @@ class InputBuilder:
 
 
 def load_tokenizer(path, emb_token: str | None = None):
-    """AutoTokenizer from `path`; with `emb_token`, that token is added as an ordinary (non-special)
-    token if absent (the Embedder's <emb> reuses a spare row of the embedding matrix)."""
-    tok = AutoTokenizer.from_pretrained(str(path))
+    """AutoTokenizer from `path` (a local directory or an object-store URL, read from a local copy
+    of its small files: transformers reads local files); with `emb_token`, that token is added as
+    an ordinary (non-special) token if absent (the Embedder's <emb> reuses a spare row of the
+    embedding matrix)."""
+    tok = AutoTokenizer.from_pretrained(str(local_copy(require(path, "tokenizer directory"), side_files_only=True)))
     if emb_token is not None and emb_token not in tok.get_vocab():
         tok.add_tokens([emb_token])
     return tok
@@ -562,9 +565,10 @@ def load_tokenizer(path, emb_token: str | None = None):
 
 def load_image_processor(path, model_config):
     """`Qwen2VLImageProcessorPil` from preprocessor_config.json, else one with the model's patch
-    geometry and mean = std = 0.5 (Qwen3-VL's normalisation). Budgets are set per call anyway."""
-    if os.path.exists(os.path.join(str(path), "preprocessor_config.json")):
-        return Qwen2VLImageProcessorPil.from_pretrained(str(path))
+    geometry and mean = std = 0.5 (Qwen3-VL's normalisation). Budgets are set per call anyway.
+    `path` may be an object-store URL, as for `load_tokenizer`."""
+    if require(path, "image processor directory").joinpath("preprocessor_config.json").exists():
+        return Qwen2VLImageProcessorPil.from_pretrained(str(local_copy(path, side_files_only=True)))
     v = model_config.vision_config
     return Qwen2VLImageProcessorPil(
         patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size, merge_size=v.spatial_merge_size,

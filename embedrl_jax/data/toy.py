@@ -22,21 +22,23 @@
 About ``tcot_fraction`` of the shape/clip records carry T-CoTs in the method's format, with the
 shape boxes as ``bbox_2d`` on the 0-1000 grid for image sides, ``text_keywords`` for text sides and
 ``key_frames`` (1-based) for clips. Output is a pure function of the arguments (byte-identical PNGs
-and JSON for a seed). The set is built in a temporary sibling folder and renamed into place; an
-existing ``out_dir`` with the same config is reused, a different one raises unless ``overwrite``.
+and JSON for a seed). The set is built in a local staging folder and published whole
+(:func:`~embedrl_jax.fsutil.staged_dir`: a rename locally; upload + commit marker for an
+object-store ``out_dir`` such as ``gs://bucket/toy``); an existing ``out_dir`` with the same
+config is reused, a different one raises unless ``overwrite``. The returned manifest's paths are
+local files (for an object store, those of a local copy, :func:`~embedrl_jax.fsutil.local_copy`),
+since the record readers and PIL read local files.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..fsutil import replace_dir
+from ..fsutil import as_path, is_published, is_remote, local_copy, staged_dir
 
 __all__ = ["make_toy_retrieval", "load_toy_manifest", "REAL_IMAGES", "T2I_INSTRUCTION", "I2T_INSTRUCTION"]
 
@@ -330,10 +332,22 @@ def _with_paths(manifest: dict, out_dir: str) -> dict:
 
 
 def load_toy_manifest(out_dir) -> dict:
-    """Read ``out_dir/manifest.json``; adds ``root``, ``manifest`` and each dataset's absolute ``path``."""
-    out_dir = os.fspath(out_dir)
-    with open(os.path.join(out_dir, "manifest.json"), encoding="utf-8") as f:
-        return _with_paths(json.load(f), out_dir)
+    """Read ``out_dir/manifest.json``; adds ``root``, ``manifest`` and each dataset's absolute ``path``
+    (for an object-store ``out_dir``: of its local copy, made or refreshed here)."""
+    root = os.fspath(local_copy(out_dir))
+    with open(os.path.join(root, "manifest.json"), encoding="utf-8") as f:
+        return _with_paths(json.load(f), root)
+
+
+def _existing_config(out_dir: str):
+    """The config of the toy set already at `out_dir` (None: none there, or unreadable). An
+    object-store copy counts once published; a torn upload of the same set reads as (None, its config)."""
+    manifest = as_path(out_dir) / "manifest.json"
+    try:
+        config = json.loads(manifest.read_text()).get("config")
+    except (OSError, ValueError, AttributeError):
+        return None, None
+    return (config, config) if is_published(out_dir) else (None, config)
 
 
 def make_toy_retrieval(out_dir, *, n_train: int = 96, n_heldout: int = 32, n_video_train: int = 8,
@@ -346,39 +360,29 @@ def make_toy_retrieval(out_dir, *, n_train: int = 96, n_heldout: int = 32, n_vid
         {"config": {...}, "counts": {"images", "real_images", "train_pairs", "heldout_pairs"},
          "datasets": {name: {"file", "path" (absolute), "format": "mmeb"|"llavahound",
                              "task", "split": "train"|"heldout", "count", "is_video"}},
-         "root": abs out_dir, "manifest": abs manifest path}
+         "root": the local directory read (out_dir, or its local copy for an object store),
+         "manifest": abs manifest path}
 
     Datasets: ``toy_t2i_{split}``, ``toy_i2t_{split}`` (``n_train`` scenes + 13 real images in train,
     ``n_heldout`` scenes in heldout), ``toy_video_retrieval_{split}``,
     ``toy_caption_retrieval_{split}`` (``n_video_{split}`` clips; at most 48 clips in total).
     """
-    out_dir = os.path.abspath(os.fspath(out_dir))
+    out_dir = os.fspath(out_dir) if is_remote(out_dir) else os.path.abspath(os.fspath(out_dir))
     if scene_size < 32 or real_size < 32:
         raise ValueError("scene_size and real_size must be >= 32")
     if min(n_train, n_heldout, n_video_train, n_video_heldout) < 0:
         raise ValueError("counts must be >= 0")
     cfg = _config(n_train, n_heldout, n_video_train, n_video_heldout, seed, scene_size, real_size,
                   float(tcot_fraction))
-    if os.path.exists(out_dir):
-        try:
-            existing = load_toy_manifest(out_dir)
-        except (OSError, ValueError):
-            existing = None
-        if existing is not None and existing.get("config") == cfg and not overwrite:
-            return existing
-        if not overwrite:
+    if as_path(out_dir).exists():
+        existing, torn = _existing_config(out_dir)
+        if existing == cfg and not overwrite:
+            return load_toy_manifest(out_dir)
+        if not overwrite and torn != cfg:  # a torn upload of this very set is simply rebuilt
             raise FileExistsError(f"{out_dir} exists and does not hold a toy set with this config; "
                                   "pass overwrite=True to replace it")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    try:
-        os.chmod(tmp, 0o755)
-        _build(tmp, cfg)
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with staged_dir(out_dir) as tmp:
+        _build(os.fspath(tmp), cfg)
     # what was just published, read back: the same manifest (key order included, which orders
     # the datasets) as every later run, or another host, gets from the directory
     return load_toy_manifest(out_dir)

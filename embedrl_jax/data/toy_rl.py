@@ -20,20 +20,19 @@ key as evidence (``{"text_keywords": ["tiger"]}``).
 - ``prompts.json``: short templates for the two text prompts and the judge (merged over the
   packaged ones), so tiny models see short prompts.
 
-Everything is a pure function of the arguments; files are written to a temporary sibling
-folder and renamed into place.
+Everything is a pure function of the arguments; files are written to a local staging folder and
+published whole (`fsutil.staged_dir`: a rename locally, upload + commit marker for an object-store
+`out_dir`); the returned paths are local files (for an object store, of a local copy).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import shutil
-from pathlib import Path
 
 import numpy as np
 
-from ..fsutil import replace_dir
+from ..fsutil import as_path, is_published, is_remote, local_copy, staged_dir
 
 __all__ = ["WORDS", "ToyRLConfig", "make_toy_keywords", "tcot_for", "QUERY_PREFIX", "POSITIVE_PREFIX"]
 
@@ -92,17 +91,18 @@ def make_toy_keywords(out_dir, *, seed: int = 0, words: int = 2, embedder_pairs:
                       sft_samples: int = 2048, heldout_pairs: int = 256) -> dict:
     """Write the toy task under `out_dir` (reused when it exists with the same arguments);
     returns the manifest with absolute file paths."""
-    out = Path(out_dir)
+    out = os.fspath(out_dir) if is_remote(out_dir) else os.path.abspath(os.fspath(out_dir))
     if not 2 <= words <= (len(WORDS) + 1) // 2:
         raise ValueError(f"words per side must be in [2, {(len(WORDS) + 1) // 2}], got {words}")
     args = dict(version=VERSION, seed=seed, words=words, embedder_pairs=embedder_pairs, rl_pairs=rl_pairs,
                 sft_samples=sft_samples, heldout_pairs=heldout_pairs)
-    manifest_file = out / "manifest.json"
+    manifest_file = as_path(out) / "manifest.json"
     if manifest_file.exists():
         manifest = json.loads(manifest_file.read_text())
         if manifest.get("args") != args:
             raise ValueError(f"{out} holds a toy keyword task built with {manifest.get('args')}, not {args}")
-        return _absolute(manifest, out)
+        if is_published(out):  # else a torn upload (object store) of this very task: rebuilt below
+            return _absolute(out)
 
     rng = np.random.default_rng([seed, 7])
     files: dict[str, list[dict]] = {}
@@ -133,25 +133,22 @@ def make_toy_keywords(out_dir, *, seed: int = 0, words: int = 2, embedder_pairs:
         sft.append({"prompt": prompt, "completion": tcot_for(side_words, side_words[int(rng.integers(words))])})
     files["sft"] = sft
 
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=False)
-    try:
+    with staged_dir(out) as tmp:
         for name, rows in files.items():
             (tmp / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         (tmp / "prompts.json").write_text(json.dumps(PROMPTS, indent=2))
         manifest = {"args": args, "files": {name: f"{name}.jsonl" for name in files}, "prompts": "prompts.json",
                     "words": list(WORDS)}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return _absolute(json.loads(manifest_file.read_text()), out)
+    return _absolute(out)
 
 
-def _absolute(manifest: dict, out: Path) -> dict:
+def _absolute(out: str) -> dict:
+    """The manifest at `out` with absolute local paths (of a local copy for an object store)."""
+    root = local_copy(out)
+    manifest = json.loads((root / "manifest.json").read_text())
     m = dict(manifest)
-    m["files"] = {k: os.fspath(out / v) for k, v in manifest["files"].items()}
-    m["prompts"] = os.fspath(out / manifest["prompts"])
-    m["dir"] = os.fspath(out)
+    m["files"] = {k: os.fspath(root / v) for k, v in manifest["files"].items()}
+    m["prompts"] = os.fspath(root / manifest["prompts"])
+    m["dir"] = os.fspath(root)
     return m

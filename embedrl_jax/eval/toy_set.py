@@ -22,19 +22,18 @@ task keys, so the aggregate file marks the other tasks missing as the official f
   T-CoT files are, for ``embedrl eval mmeb --tcot DIR/tcot``.
 
 Scenes are the toy training set's shapes (circles, squares, triangles in four colours). Output is
-a pure function of the seed; the set is built in a temporary sibling and renamed into place.
+a pure function of the seed; the set is built in a local staging folder and published whole
+(`fsutil.staged_dir`: a rename locally, upload + commit marker for an object-store `out_dir`).
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 
 from ..data.toy import COLORS, DIRECTIONS, SHAPES, _draw_shape, _image_tcot, _text_tcot, _video_tcot
-from ..fsutil import replace_dir
+from ..fsutil import as_path, is_published, is_remote, staged_dir
 
 __all__ = ["make_toy_eval_set", "TOY_TASKS", "TOY_UVRB"]
 
@@ -291,33 +290,23 @@ def make_toy_eval_set(out_dir, *, n: int = 24, seed: int = 0, size: int = 64, ov
     """Build the toy evaluation set under `out_dir` (see the module docstring); returns the manifest
     ``{"config", "tasks", "uvrb", "counts"}`` (also ``out_dir/toy_eval.json``). An existing set with
     the same config is reused; a different one raises unless `overwrite`."""
-    out_dir = os.path.abspath(os.fspath(out_dir))
+    out_dir = os.fspath(out_dir) if is_remote(out_dir) else os.path.abspath(os.fspath(out_dir))
     cfg = {"n": n, "seed": seed, "size": size, "version": VERSION}
-    manifest_path = os.path.join(out_dir, "toy_eval.json")
-    if os.path.exists(out_dir):
+    if as_path(out_dir).exists():
         try:
-            with open(manifest_path) as f:
-                existing = json.load(f)
+            existing = json.loads((as_path(out_dir) / "toy_eval.json").read_text())
         except (OSError, ValueError):
             existing = None
-        if existing is not None and existing.get("config") == cfg and not overwrite:
+        same = existing is not None and existing.get("config") == cfg
+        if same and is_published(out_dir) and not overwrite:
             return existing
-        if not overwrite:
+        if not overwrite and not same:  # a torn upload (object store) of this very set is rebuilt
             raise FileExistsError(f"{out_dir} exists and is not a toy evaluation set with this config; "
                                   "pass overwrite=True to replace it")
     if n < 2 or size < 32:
         raise ValueError("n must be >= 2 and size >= 32")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    try:
-        os.chmod(tmp, 0o755)
-        counts = _build(tmp, seed, n, size)
+    with staged_dir(out_dir) as tmp:
+        counts = _build(os.fspath(tmp), seed, n, size)
         manifest = {"config": cfg, "tasks": list(TOY_TASKS), "uvrb": list(TOY_UVRB), "counts": counts}
-        with open(os.path.join(tmp, "toy_eval.json"), "w") as f:
-            json.dump(manifest, f, indent=1)
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / "toy_eval.json").write_text(json.dumps(manifest, indent=1))
     return manifest
