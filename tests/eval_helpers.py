@@ -1,5 +1,6 @@
 """Test encoders for the evaluation harness: an informative one built by hand from the toy set's
-generating factors (colour, shape and motion words; pixel colours and motion), and a random one."""
+generating factors (colour, shape and motion words; pixel colours and motion), and a random one;
+chance levels and the toy-evaluation run used on a trained toy Embedder."""
 import hashlib
 import json
 
@@ -7,6 +8,13 @@ import numpy as np
 from PIL import Image
 
 from embedrl_jax.data.toy import COLORS, DIRECTIONS, SHAPES
+from embedrl_jax.eval.mmeb import evaluate
+from embedrl_jax.eval.readers import read_task
+from embedrl_jax.eval.tasks import TASKS
+
+# the image tasks of the toy evaluation set a t2i-trained toy Embedder is scored on (the video and
+# document tasks add compile time, not evidence)
+IMAGE_TASKS = ("VOC2007", "GQA", "MSCOCO_t2i", "MSCOCO_i2t")
 
 WORDS = list(COLORS) + list(SHAPES) + list(DIRECTIONS)
 NOISE = 16
@@ -86,3 +94,24 @@ def informative_encode(items) -> np.ndarray:
 def random_encode(items) -> np.ndarray:
     out = np.stack([np.random.default_rng(_seed(it)).normal(size=32) for it in items]) if items else np.zeros((0, 32))
     return (out / np.linalg.norm(out, axis=1, keepdims=True)).astype(np.float32)
+
+
+def chance(data) -> float:
+    """Expected hit@1 of a random ranking: per-query candidate lists, or the global pool."""
+    if data.local is not None:
+        return float(np.mean([len(set(data.labels[i])) / len(set(ix)) for i, ix in enumerate(data.local)]))
+    return float(np.mean([min(1.0, len(set(lab)) / len(data.cands)) for lab in data.labels]))
+
+
+def chance_scores(root, tasks=IMAGE_TASKS) -> dict[str, float]:
+    return {t: 100 * chance(read_task(TASKS[t], root)) for t in tasks}
+
+
+def toy_eval_scores(encode, root, out_dir, tasks=IMAGE_TASKS) -> dict[str, dict[str, float]]:
+    """Scores (hit@1 x 100) per task on the toy evaluation set at `root`, without T-CoTs ("plain")
+    and with its bundled oracle T-CoTs ("oracle"), as in the README's evaluation table."""
+    out = {}
+    for name, tcot in (("plain", None), ("oracle", f"{root}/tcot")):
+        res = evaluate(encode, root, f"{out_dir}/{name}", tasks=tasks, model_tag=name, tcot_dir=tcot, log=lambda m: None)
+        out[name] = res["summary"]["tasks"]
+    return out

@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+from eval_helpers import chance as _chance
 from eval_helpers import informative_encode, random_encode
 
 from embedrl_jax.eval.metrics import SCORE_KEYS
@@ -21,12 +22,6 @@ def toy(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy_eval") / "mmeb"
     make_toy_eval_set(root, n=24)
     return str(root)
-
-
-def _chance(data):
-    if data.local is not None:
-        return float(np.mean([len(set(data.labels[i])) / len(set(ix)) for i, ix in enumerate(data.local)]))
-    return float(np.mean([min(1.0, len(set(lab)) / len(data.cands)) for lab in data.labels]))
 
 
 def test_readers_on_each_layout(toy):
@@ -76,7 +71,10 @@ def test_choose_frames_keeps_short_folders_whole(tmp_path):
     assert [os.path.basename(f) for f in choose_frames(str(tmp_path), natural=False)] == ["f1.png", "f10.png", "f2.png"]
 
 
-def test_random_is_near_chance_and_informative_clearly_above(toy, tmp_path):
+def test_harness_scores_random_near_chance_and_informative_above_on_every_layout(toy, tmp_path):
+    """Metric and layout sanity on all 8 tasks (video and documents included) in seconds, with
+    hand-made encoders; the trained toy Embedder itself is scored in
+    test_train_embedder.py::test_toy_training_lowers_loss_and_beats_chance."""
     rand = evaluate(random_encode, toy, tmp_path / "rand", model_tag="rand")["summary"]["tasks"]
     good = evaluate(informative_encode, toy, tmp_path / "good", model_tag="good")["summary"]["tasks"]
     assert set(rand) == set(good) == set(TOY_TASKS)
