@@ -178,7 +178,7 @@ def local_copy(directory, *, side_files_only: bool = False) -> Path:
     directory's config, tokenizer and processor files; the weights are streamed, not copied --
     and a directory without a commit marker is fine. Otherwise the whole tree is copied and the
     directory must be published (its commit marker present); the copy is reused while its marker
-    equals the object store's (every publication writes a new one).
+    equals the object store's (every publication writes a new one). Each process keeps its own copy.
     """
     if not is_remote(directory):
         return Path(directory)
@@ -191,7 +191,8 @@ def local_copy(directory, *, side_files_only: bool = False) -> Path:
         raise MissingFileError(f"{os.fspath(directory)} is not published (no {COMMIT_MARKER}): an interrupted upload "
                                "or not written by embedrl_jax")
     key = hashlib.sha1(f"{os.fspath(src)}|{side_files_only}".encode()).hexdigest()[:16]
-    dest = cache_root() / "remote" / f"{key}-{src.name}"
+    # one copy per process: processes sharing a host (one per GPU) never replace each other's copy mid-read
+    dest = cache_root() / "remote" / f"{key}-p{jax.process_index()}-{src.name}"
     if stamp is not None and (dest / COMMIT_MARKER).is_file() and (dest / COMMIT_MARKER).read_text() == stamp:
         return dest
     with staged_dir(dest) as tmp:

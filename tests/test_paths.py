@@ -11,6 +11,7 @@ import filecmp
 import os
 import shutil
 
+import jax
 import numpy as np
 import pytest
 from etils.epath import backend as epath_backend
@@ -180,14 +181,10 @@ def tiny_base(tmp_path_factory):
 
 
 def _params(handle):
-    import jax
-
     return jax.tree.map(to_host, handle.params)
 
 
 def test_load_hf_from_an_object_store_streams_weights_and_copies_side_files(fake_gs, tiny_base, tmp_path):
-    import jax
-
     shutil.copytree(tiny_base, os.path.join(fake_gs.root, "bucket", "model"))  # uploaded by hand: no marker
     local = embedrl_jax.load_hf(tiny_base)
     remote = embedrl_jax.load_hf("gs://bucket/model")
