@@ -229,7 +229,8 @@ def test_fp32_products_stay_fp32_in_bf16_mode(handle):
     assert head and all(e.params["preferred_element_type"] == F32 and _var_dtypes(e.invars) == {BF16} for e in head)
     # InfoNCE logits and norms on bf16 embeddings
     q = l2_normalize(jax.random.normal(k[0], (4, 32), jnp.bfloat16))
-    assert q.dtype == F32
+    assert q.dtype == F32  # and the norm is an fp32 elementwise reduction, not a matmul pass
+    assert not _dots(jax.make_jaxpr(l2_normalize)(q.astype(jnp.bfloat16)).jaxpr)
     jaxpr = jax.make_jaxpr(lambda a, b: info_nce(a, b, scale=50.0)[0])(q.astype(jnp.bfloat16), q.astype(jnp.bfloat16))
     dots = _dots(jaxpr.jaxpr)
     assert dots and all(_var_dtypes(e.invars) == {F32} and _highest(e) for e in dots)
