@@ -7,8 +7,9 @@ Precision is asked for explicitly, since a TPU matmul of fp32 operands at the de
 precision is a single bf16 pass: bf16 (or fp16) hidden states meet the LM head cast to the same
 dtype with fp32 accumulation (`preferred_element_type`) — products of bf16 values are exact in
 fp32, so nothing is lost and the matmul stays one pass; fp32 hidden states use fp32 operands at
-`Precision.HIGHEST`. The sampler's next-token logits (`Qwen3VL.logits`) are the same bf16
-products, so sampled and recomputed log-probs differ only by the forward passes' own rounding.
+`Precision.HIGHEST`. The sampler's next-token logits (`qwen3_vl.decode.Decoder`) use the same
+rule (`head_operands`), so sampled and recomputed log-probs differ only by the forward passes'
+own rounding.
 """
 from __future__ import annotations
 

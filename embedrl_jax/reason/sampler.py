@@ -11,8 +11,8 @@ half the cache memory, and the same rounding as the trainer's bf16 scoring forwa
 and recomputed log-probs agree to the bound tests/test_precision.py measures). A trainer passes
 its `compute_dtype`; None takes the dtype of the embedding table (a frozen model's weights: a
 judge or a standalone Reasoner computes in the dtype it was loaded in). The next-token logits
-are bf16 x bf16 products accumulated in fp32 (`Qwen3VL.logits`), the trainer's log-prob
-products (`models.logprobs.token_logprobs`); log-softmax and sampling are fp32.
+are the trainer's log-prob products (`models.logprobs.head_operands`: bf16 operands with fp32
+accumulation in bf16 mode); log-softmax and sampling are fp32.
 """
 from __future__ import annotations
 
