@@ -515,13 +515,13 @@ def grpo_update_program(cfg, mesh, tokens=None) -> Program:
 
 
 def _generate_program(name, mdef, params, mesh, rows, p_len, vision, new_tokens, temperature, eos_ids, hints,
-                      lead_note):
+                      lead_note, dtype=None):
     """reason/sampler.py's jitted prefill + decode loop; its layer loop follows the mesh the
     program is traced under (compile_program traces inside `jax.set_mesh(mesh)`)."""
     from .reason.sampler import jitted_generate
     from .sharding import named_sharding
 
-    fn = jitted_generate(mdef, new_tokens, eos_ids, temperature, 0, 1.0)
+    fn = jitted_generate(mdef, new_tokens, eos_ids, temperature, 0, 1.0, dtype=dtype)
     batch = packed_batch(mdef.config, mesh, rows, p_len, vision)
     deltas = _struct((rows,), np.int32, named_sharding(("batch",), (rows,), mesh))
     cfg_t = mdef.config.text
@@ -545,7 +545,8 @@ def rollout_program(cfg, mesh, tokens=None) -> Program:
     vision = image_rows(cfg.inputs, policy.vision.merge_unit, cfg.buckets, prompts, mesh)
     hints = {"chunks": "rollout.pairs_per_step", "bucket": "rollout.max_prompt_tokens", "frozen_dtype": "base_dtype"}
     return _generate_program("rollout", trainer.mdef, trainer.policy_params(), mesh, prompts * cfg.rollout.samples,
-                             p_len, vision, t_len, cfg.rollout.temperature, (151645, 151643), hints, {"prompts": prompts})
+                             p_len, vision, t_len, cfg.rollout.temperature, (151645, 151643), hints, {"prompts": prompts},
+                             dtype=cfg.compute_dtype)
 
 
 def _frozen_model(cfg, trainer, key: str, dtype: str):
@@ -573,7 +574,7 @@ def reward_embed_program(cfg, mesh, tokens=None) -> Program:
     vision = image_rows(cfg.embed_inputs, emb_cfg.vision.merge_unit, cfg.buckets, rows, mesh)
     batch = packed_batch(emb_cfg, mesh, rows, seq, vision)
     tok = _struct((), np.int32, _replicated(mesh))
-    call = functools.partial(_jitted_embed(mdef), dtype=jax.numpy.dtype(cfg.embed_dtype))
+    call = functools.partial(_jitted_embed(mdef), dtype=handle.dtype)  # as Embedder.encode: its weights' dtype
     shapes = {"sequences": rows, "padded_tokens": seq, "patch_rows": vision[0], "patch_row_len": vision[1],
               "calls_per_step": -(-2 * 2 * cfg.rollout.pairs_per_step * cfg.rollout.samples // rows)}
     hints = {"chunks": "embed_batch_size", "frozen_dtype": "embed_dtype"}

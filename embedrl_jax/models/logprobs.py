@@ -2,6 +2,14 @@
 
 Model-layer code: the sampler's layout (`reason.sequences.completion_logprobs`), the SFT loss and
 the GRPO passes all score tokens with this one function (`rl.token_logprobs` re-exports it).
+
+Precision is asked for explicitly, since a TPU matmul of fp32 operands at the default
+precision is a single bf16 pass: bf16 (or fp16) hidden states meet the LM head cast to the same
+dtype with fp32 accumulation (`preferred_element_type`) — products of bf16 values are exact in
+fp32, so nothing is lost and the matmul stays one pass; fp32 hidden states use fp32 operands at
+`Precision.HIGHEST`. The sampler's next-token logits (`qwen3_vl.decode.Decoder`) use the same
+rule (`head_operands`), so sampled and recomputed log-probs differ only by the forward passes'
+own rounding.
 """
 from __future__ import annotations
 
@@ -11,7 +19,19 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["token_logprobs"]
+__all__ = ["token_logprobs", "head_operands"]
+
+LOW_PRECISION = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def head_operands(dtype, precision=None):
+    """(operand dtype, precision) of an LM-head matmul whose accuracy matters (log-probs, the
+    sampler's next-token logits), for hidden states in `dtype`: bf16/fp16 operands as they are
+    (exact products, fp32 accumulation via preferred_element_type), otherwise fp32 operands at
+    `Precision.HIGHEST` (a TPU's default for fp32 is one bf16 pass). An explicit `precision` wins."""
+    if jnp.dtype(dtype) in LOW_PRECISION:
+        return jnp.dtype(dtype), precision
+    return jnp.dtype(jnp.float32), lax.Precision.HIGHEST if precision is None else precision
 
 
 def token_logprobs(hidden, lm_head_kernel, targets, *, chunk_size: int = 4096, precision=None):
@@ -29,6 +49,7 @@ def token_logprobs(hidden, lm_head_kernel, targets, *, chunk_size: int = 4096, p
     columns it shares with the previous chunk are masked, so the kernel is never padded/copied.
     The running max is stop-gradiented: the result does not depend on it mathematically, so
     gradients stay exact.  Targets outside ``[0, V)`` (padding) give finite junk; mask them.
+    ``precision``: None chooses per `head_operands` (see the module docstring).
     """
     d_model, vocab = lm_head_kernel.shape
     if hidden.shape[-1] != d_model:
@@ -41,13 +62,14 @@ def token_logprobs(hidden, lm_head_kernel, targets, *, chunk_size: int = 4096, p
     n_chunks = math.ceil(vocab / chunk)
 
     lead = hidden.shape[:-1]
-    h = hidden.reshape(-1, d_model).astype(jnp.float32)
+    op_dtype, precision = head_operands(hidden.dtype, precision)
+    h = hidden.reshape(-1, d_model).astype(op_dtype)
     tgt = targets.reshape(-1).astype(jnp.int32)
 
     def chunk_stats(h, kernel, tgt, idx):
         nominal = idx * chunk
         start = jnp.minimum(nominal, vocab - chunk)
-        w = lax.dynamic_slice_in_dim(kernel, start, chunk, axis=1).astype(jnp.float32)
+        w = lax.dynamic_slice_in_dim(kernel, start, chunk, axis=1).astype(op_dtype)
         z = jnp.dot(h, w, precision=precision, preferred_element_type=jnp.float32)
         cols = start + jnp.arange(chunk, dtype=jnp.int32)
         fresh = cols >= nominal  # columns not already covered by the previous chunk

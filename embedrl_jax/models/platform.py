@@ -64,6 +64,14 @@ class Target:
             return rows
         return int(max(1, min(rows, SCORE_BLOCK_BYTES // max(row_score_bytes, 1))))
 
+    @property
+    def frozen_dtype(self) -> str:
+        """Dtype of weights nothing trains (LoRA base, GRPO reference, reward Embedder, judge) when
+        the config says "auto": bfloat16 on accelerators (half the HBM; their matmuls take bf16
+        operands anyway), float32 on XLA:CPU (bf16 matmuls there are emulated, slower, and the CPU
+        suite's parity tests are fp32)."""
+        return "float32" if self.platform == "cpu" else "bfloat16"
+
 
 def platform_of(mesh=None) -> str:
     """Platform of a mesh's devices (concrete or abstract mesh); the default device's for None."""

@@ -87,15 +87,17 @@ class Reasoner:
 
     def generate(self, batch: Mapping[str, np.ndarray], n: int = 1, max_new_tokens: int = 256,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-                 stop: Sequence[str] = (), *, params=None, model_def=None, key=None) -> Generation:
+                 stop: Sequence[str] = (), *, params=None, model_def=None, key=None, dtype=None) -> Generation:
         """Sample n completions per prompt. `params` / `model_def` override the loaded weights
-        (a policy in training); `key` overrides the PRNG key made from `seed`."""
+        (a policy in training); `key` overrides the PRNG key made from `seed`; `dtype` is the
+        compute and KV-cache dtype (a trainer's compute dtype; None: the weights' own)."""
         if any(not s for s in stop):
             raise ValueError("stop strings must be non-empty")
         arrays, deltas = self.pack(batch, n)
         mdef = self.handle.model_def if model_def is None else model_def
         params = self.handle.params if params is None else params
-        gen = jitted_generate(mdef, int(max_new_tokens), self.eos_ids, float(temperature), int(top_k), float(top_p))
+        gen = jitted_generate(mdef, int(max_new_tokens), self.eos_ids, float(temperature), int(top_k), float(top_p),
+                              dtype=dtype)
         key = jax.random.key(seed) if key is None else key
         with jax.set_mesh(self.handle.mesh):
             toks, lps, mask = gen(params, arrays, jnp.asarray(deltas, jnp.int32), key)

@@ -5,6 +5,14 @@ The model owns decoding (`ModelDef.decoder`: prefill and one KV-cache decode ste
 token (greedy first maximum, or temperature / top-k / top-p sampling) and stops rows at EOS.
 The layer loop and the cache layout follow the target platform (the mesh in the sharding
 context), unless `layer_loop` names one.
+
+Precision: the forward runs in `dtype` and the KV cache is held in it too (bf16 on accelerators:
+half the cache memory, and the same rounding as the trainer's bf16 scoring forward, so sampled
+and recomputed log-probs agree to the bound tests/test_precision.py measures). A trainer passes
+its `compute_dtype`; None takes the dtype of the embedding table (a frozen model's weights: a
+judge or a standalone Reasoner computes in the dtype it was loaded in). The next-token logits
+are the trainer's log-prob products (`models.logprobs.head_operands`: bf16 operands with fp32
+accumulation in bf16 mode); log-softmax and sampling are fp32.
 """
 from __future__ import annotations
 
@@ -24,13 +32,15 @@ def default_layer_loop() -> str:
 
 
 def generate_tokens(mdef, params, batch, rope_deltas, key, *, max_new_tokens: int, eos_ids: tuple[int, ...],
-                    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, dtype=jnp.float32,
+                    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, dtype=None,
                     layer_loop: str | None = None):
     """(tokens [B, N], logprobs [B, N] fp32, mask [B, N]) for a left-padded packed batch.
 
+    `dtype`: compute and KV-cache dtype (None: the embedding table's, see the module docstring);
     `layer_loop`: "scan", "unrolled" or None (the target's; see `default_layer_loop`).
     """
     b, p_len = batch["input_ids"].shape
+    dtype = jnp.dtype(params["embed"].dtype if dtype is None else dtype)
     decoder = mdef.decoder(params, dtype=dtype, layer_loop=layer_loop)
     logits, cache = decoder.prefill(batch, rope_deltas, p_len + max_new_tokens)
 
@@ -90,16 +100,24 @@ def _check(max_new_tokens, temperature, top_k, top_p) -> None:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
-def jitted_generate(mdef, max_new_tokens, eos_ids, temperature, top_k, top_p, layer_loop: str | None = None):
+def jitted_generate(mdef, max_new_tokens, eos_ids, temperature, top_k, top_p, layer_loop: str | None = None,
+                    dtype=None):
     """The jitted `generate_tokens` for these static settings (cached; bad settings raise ValueError);
-    `layer_loop` None follows the target the call is traced for (the mesh in the sharding context)."""
+    `layer_loop` None follows the target the call is traced for (the mesh in the sharding context);
+    `dtype` None computes in the dtype of the weights passed (see `generate_tokens`)."""
     _check(max_new_tokens, temperature, top_k, top_p)
     if layer_loop not in (None, "scan", "unrolled"):
         raise ValueError(f"layer_loop must be 'scan', 'unrolled' or None, got {layer_loop!r}")
-    return _jitted(mdef, int(max_new_tokens), tuple(eos_ids), float(temperature), int(top_k), float(top_p), layer_loop)
+    if dtype is not None:
+        dtype = jnp.dtype(dtype).name
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16, float16 or None, got {dtype!r}")
+    return _jitted(mdef, int(max_new_tokens), tuple(eos_ids), float(temperature), int(top_k), float(top_p), layer_loop,
+                   dtype)
 
 
 @functools.lru_cache(maxsize=16)
-def _jitted(mdef, max_new_tokens, eos_ids, temperature, top_k, top_p, layer_loop):
+def _jitted(mdef, max_new_tokens, eos_ids, temperature, top_k, top_p, layer_loop, dtype):
     return jax.jit(functools.partial(generate_tokens, mdef, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-                                     temperature=temperature, top_k=top_k, top_p=top_p, layer_loop=layer_loop))
+                                     temperature=temperature, top_k=top_k, top_p=top_p, layer_loop=layer_loop,
+                                     dtype=dtype))

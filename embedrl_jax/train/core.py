@@ -43,6 +43,7 @@ from ..config import PRESET_DIR, to_dict
 from ..errors import ConfigError, MissingFileError, UserError
 from ..fsutil import as_path, is_published, is_remote, primary_first, write_run_config
 from ..hf import Qwen3VLHandle, param_shardings, read_hf_config, save_hf
+from ..models.platform import target_of
 from ..models.qwen3_vl.config import Qwen3VLConfig
 from ..models.qwen3_vl.inputs import Buckets
 from ..models.qwen3_vl.model import init_adapters, model_def
@@ -58,6 +59,7 @@ log = logging.getLogger(__name__)
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "offload")
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+FROZEN_DTYPES = ("auto",) + FLOAT_DTYPES  # "auto": the target's (`Target.frozen_dtype`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +93,9 @@ class TrainerConfig:
     mesh: MeshConfig = MeshConfig()  # noqa: RUF009
     buckets: Buckets = Buckets()  # noqa: RUF009
     compute_dtype: str = "bfloat16"
-    base_dtype: str = "float32"  # frozen base weights (full fine-tuning keeps fp32 masters)
+    # weights nothing trains (LoRA base, GRPO reference, judge); trained parameters always have
+    # fp32 masters. auto: the target's (bfloat16 on TPU/GPU, float32 on XLA:CPU; Target.frozen_dtype)
+    base_dtype: str = "auto"
     # none | full | dots | dots_no_batch | offload (true = full, false = none); auto: the target's
     # default (full on accelerators, none on XLA:CPU), decided by the model from the mesh's devices
     remat: str | bool = "auto"
@@ -110,9 +114,9 @@ class TrainerConfig:
             object.__setattr__(self, "remat", "full" if self.remat else "none")
         if self.remat not in REMAT_POLICIES + ("auto",):
             raise ConfigError(f"remat: {self.remat!r} is not one of {list(REMAT_POLICIES) + ['auto']} (or true/false)")
-        for name in ("compute_dtype", "base_dtype"):
-            if getattr(self, name) not in FLOAT_DTYPES:
-                raise ConfigError(f"{name}: {getattr(self, name)!r} is not one of {list(FLOAT_DTYPES)}")
+        if self.compute_dtype not in FLOAT_DTYPES:
+            raise ConfigError(f"compute_dtype: {self.compute_dtype!r} is not one of {list(FLOAT_DTYPES)}")
+        check_frozen_dtype("base_dtype", self.base_dtype)
         for name in ("steps", "checkpoint_every", "max_consecutive_skips"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -128,6 +132,12 @@ class TrainerConfig:
             raise ConfigError(f"epochs must be > 0 or null, got {self.epochs}")
         if self.seed < 0:
             raise ConfigError(f"seed must be >= 0, got {self.seed}")
+
+
+def check_frozen_dtype(name: str, value) -> None:
+    """A frozen-weights dtype key must be "auto" or a float dtype; the error names the key."""
+    if value not in FROZEN_DTYPES:
+        raise ConfigError(f"{name}: {value!r} is not one of {list(FROZEN_DTYPES)}")
 
 
 def guard_update(step_fn, updates_per_step: int = 1, nan_steps: tuple[int, ...] = ()):
@@ -200,13 +210,39 @@ class Trainer:
         primary_first(build, f"embedrl_{name}_{type(self).__name__}")
         return path
 
-    def load_base(self, spec: str, build_toy=None, *, dtype: str | None = None) -> Qwen3VLHandle:
+    # -- precision
+    def frozen_dtype(self, setting: str | None = None) -> str:
+        """A frozen-weights dtype setting (default: cfg.base_dtype) resolved for this trainer's
+        mesh: "auto" -> the target's `frozen_dtype` (bfloat16 on TPU/GPU, float32 on XLA:CPU),
+        decided by the mesh's devices, so a compile-only TPU mesh gets the TPU choice."""
+        setting = self.cfg.base_dtype if setting is None else setting
+        return target_of(self.mesh).frozen_dtype if setting == "auto" else setting
+
+    def to_frozen(self, tree, dtype: str | None = None):
+        """`tree` (arrays or ShapeDtypeStructs) in the frozen dtype, shardings kept; leaves
+        already in it are returned as they are (no copy)."""
+        want = jnp.dtype(dtype or self.frozen_dtype())
+        if all(x.dtype == want for x in jax.tree.leaves(tree)):
+            return tree
+        if self.abstract:
+            return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, want, sharding=x.sharding), tree)
+        return jax.jit(lambda t: jax.tree.map(lambda x: x.astype(want), t),
+                       out_shardings=jax.tree.map(lambda x: x.sharding, tree))(tree)
+
+    def load_base(self, spec: str, build_toy=None, *, dtype: str | None = None,
+                  masters: bool = False) -> Qwen3VLHandle:
         """The base model on the mesh; with `abstract`, its config and ShapeDtypeStruct params only.
+
+        dtype: default cfg.base_dtype ("auto" resolved by `frozen_dtype`). `masters`: these weights
+        seed fp32 trained masters (full fine-tuning): with "auto" they load in float32, so the
+        masters start from the checkpoint's own values, not a bf16 rounding of them; whatever of
+        them stays frozen is cast to the frozen dtype afterwards (`split_params`, `to_frozen`).
 
         Abstract sources: "tiny" (the toy base's shape), an HF/orbax directory (config.json only
         is read), a config.json-style file, or a model preset name (configs/models/<name>.json).
         """
-        dtype = dtype or self.cfg.base_dtype
+        setting = self.cfg.base_dtype if dtype is None else dtype
+        dtype = "float32" if (masters and setting == "auto") else self.frozen_dtype(setting)
         if not self.abstract:
             self.source = self.model_dir(spec, build_toy)
             return load_model(self.source, mesh=self.mesh, dtype=dtype)
@@ -232,7 +268,8 @@ class Trainer:
         """(trainable, frozen, trainable shardings). LoRA: fresh adapters (key fold_in(seed, 1))
         trained, the whole base frozen. Full fine-tuning: an fp32 copy of every weight but the
         top-level `frozen_keys` is trained: a real copy, so the donated update never deletes the
-        base weights a caller keeps (e.g. as the GRPO reference); drop them if unused."""
+        base weights a caller keeps (e.g. as the GRPO reference); drop them if unused. The frozen
+        part is in the frozen dtype (`frozen_dtype`); trained parameters are fp32."""
         shardings = param_shardings(mdef, self.mesh)
         key = jax.random.fold_in(jax.random.key(self.cfg.seed), 1)
         if lora is not None:
@@ -244,7 +281,7 @@ class Trainer:
                 trainable = init_adapters(mdef, key, shardings)
             return trainable, base_params, lora_lib.split(shardings)[0]
         train_sh = {k: v for k, v in shardings.items() if k not in frozen_keys}
-        frozen = {k: v for k, v in base_params.items() if k in frozen_keys}
+        frozen = self.to_frozen({k: v for k, v in base_params.items() if k in frozen_keys})
         base = {k: v for k, v in base_params.items() if k not in frozen_keys}
         if self.abstract:
             trainable = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=x.sharding), base)

@@ -150,7 +150,7 @@ class EmbedderTrainer(Trainer):
 
     def __init__(self, cfg: EmbedderTrainConfig, workdir, *, mesh=None, abstract: bool = False):
         super().__init__(cfg, workdir, mesh=mesh, abstract=abstract)
-        handle = self.base = self.load_base(cfg.model, self._build_toy_base)
+        handle = self.base = self.load_base(cfg.model, self._build_toy_base, masters=cfg.lora is None)
         if abstract:
             self.token_id = int((handle.model_config.emb_token_ids or (handle.model_config.text.vocab_size - 1,))[0])
         else:

@@ -40,7 +40,7 @@ from ..rl.rewards import RewardConfig
 from ..rl.rollout import EGReward, rollout_prompts
 from ..sharding import logical_to_spec
 from .abstract import abstract_of, packed_spec
-from .core import Trainer, TrainerConfig
+from .core import Trainer, TrainerConfig, check_frozen_dtype
 from .state import OptimConfig
 
 __all__ = ["RolloutConfig", "GRPOConfig", "RLDataConfig", "ToyRLConfig", "ReasonerRLConfig", "make_grpo_update",
@@ -63,7 +63,7 @@ class ReasonerRLConfig(TrainerConfig):
     embed_inputs: InputConfig = InputConfig()  # noqa: RUF009  (the Embedder's items)
     buckets: Buckets = Buckets(seq_min=64, patch_min=256, rows_min=8)  # noqa: RUF009
     seed: int = 41
-    embed_dtype: str = "float32"
+    embed_dtype: str = "auto"  # the reward Embedder's weights and forward; auto: as base_dtype's auto
     embed_batch_size: int = 64
     judge_batch_size: int = 64
     judge_max_new_tokens: int = 8
@@ -71,6 +71,7 @@ class ReasonerRLConfig(TrainerConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        check_frozen_dtype("embed_dtype", self.embed_dtype)
         r, g = self.rollout, self.grpo
         if (2 * r.pairs_per_step) % g.mini_batches:
             raise ConfigError(f"grpo.mini_batches={g.mini_batches} does not divide the {2 * r.pairs_per_step} prompts of a step")
@@ -150,13 +151,15 @@ class ReasonerRLTrainer(Trainer):
                               "`embedrl train-reasoner` (embedrl_jax.toy.reasoner.prepare)")
         super().__init__(cfg, workdir, mesh=mesh, abstract=abstract)
         self.updates_per_step = cfg.grpo.mini_batches
-        handle = self.base = self.load_base(cfg.policy)
+        handle = self.base = self.load_base(cfg.policy, masters=cfg.lora is None)
         self.mdef, self.ref_mdef = model_def(handle.model_config, cfg.lora), handle.model_def
         judge_is_ref = cfg.reward.use_judge and cfg.judge is None
         model, self.frozen, model_sh = self.split_params(self.mdef, handle.params, cfg.lora)
         # LoRA: the base is the reference (shared, not copied); full fine-tuning keeps the initial
-        # weights (the trainable copy is separate) only if the KL term or the judge reads them
-        self.ref_params = handle.params if (cfg.lora is not None or cfg.grpo.kl_coef or judge_is_ref) else {}
+        # weights (the trainable copy is separate, fp32) only if the KL term or the judge reads
+        # them, in the frozen dtype
+        keep_ref = cfg.lora is not None or cfg.grpo.kl_coef or judge_is_ref
+        self.ref_params = handle.params = self.to_frozen(handle.params) if keep_ref else {}
         if not self.ref_params:
             handle.params = None
         if not abstract:
@@ -174,14 +177,14 @@ class ReasonerRLTrainer(Trainer):
         self.image_processor = load_image_processor(self.source, self.base.config)
         self.reasoner = Reasoner(self.base, self.tokenizer, self.image_processor, input_config=cfg.inputs,
                                  max_prompt_tokens=cfg.rollout.max_prompt_tokens, buckets=cfg.buckets)
-        self.embedder = Embedder.from_pretrained(cfg.embedder, mesh=self.mesh, dtype=cfg.embed_dtype,
+        self.embedder = Embedder.from_pretrained(cfg.embedder, mesh=self.mesh, dtype=self.frozen_dtype(cfg.embed_dtype),
                                                  input_config=cfg.embed_inputs)
         judge = None
         if cfg.reward.use_judge:
             if cfg.judge is None:
                 who, kw = self.reasoner, {"params": self.ref_params, "model_def": self.ref_mdef}
             else:
-                who, kw = Reasoner.from_pretrained(cfg.judge, mesh=self.mesh, dtype=cfg.base_dtype, buckets=cfg.buckets), {}
+                who, kw = Reasoner.from_pretrained(cfg.judge, mesh=self.mesh, dtype=self.frozen_dtype(), buckets=cfg.buckets), {}
             judge = functools.partial(who.replies, batch_size=cfg.judge_batch_size,
                                       max_new_tokens=cfg.judge_max_new_tokens, **kw)
         self.reward = EGReward(lambda items: self.embedder.encode(items, batch_size=cfg.embed_batch_size, progress=False),
@@ -251,7 +254,7 @@ class ReasonerRLTrainer(Trainer):
         key = jax.random.fold_in(jax.random.key(cfg.seed), step)
         gen = self.reasoner.generate(batch, n=r.samples, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
                                      top_p=r.top_p, top_k=r.top_k, stop=r.stop, params=self.policy_params(),
-                                     model_def=self.mdef, key=key)
+                                     model_def=self.mdef, key=key, dtype=cfg.compute_dtype)
         t1 = time.perf_counter()
         rewards = self.reward(records, gen.texts, step)
         adv = np.asarray(lookup("advantage", cfg.grpo.advantage)(jnp.asarray(rewards.total), r.samples))

@@ -150,7 +150,7 @@ class SFTTrainer(Trainer):
                               f"x {self.process[1]} data shards")
         if not abstract:
             self._read_data()
-        handle = self.base = self.load_base(cfg.model, self._build_toy_base)
+        handle = self.base = self.load_base(cfg.model, self._build_toy_base, masters=cfg.lora is None)
         if not abstract:
             self.tokenizer = load_tokenizer(self.source)
             self.image_processor = load_image_processor(self.source, handle.config)

@@ -13,6 +13,10 @@ layers and writes each layer's new keys/values in place in the stacked carried c
 weights per generate call) so no decode step copies a weight slice, which XLA:CPU does inside a
 scan at every step.
 
+Precision: keys and values are held in the compute dtype (`dtype`: bf16 on accelerators, where
+the trainer computes in bf16 — half the cache, and the rounding the trainer's forward has too);
+the next-token logits are fp32 with the trainer's LM-head products (`_logits`).
+
 Sharding: under a mesh (`jax.set_mesh`) the cache is laid out by logical names, rows over
 ("data", "fsdp") and KV heads over "tensor" where they divide, so no device holds all of it.
 """
@@ -23,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ...sharding import constrain
+from ..logprobs import head_operands
 from ..platform import Target
 from .layers import attention, scan_layers
 
@@ -89,7 +94,14 @@ class Decoder:
         return x, ks, vs
 
     def _logits(self, h):
-        return self.model.logits(self.model.final_norm(h))[:, 0].astype(jnp.float32)
+        """fp32 next-token logits [B, V] with the LM-head products the trainer's log-probs use
+        (`logprobs.head_operands`: bf16 operands with fp32 accumulation, or fp32 at HIGHEST)."""
+        h = self.model.final_norm(h)[:, 0]
+        op_dtype, precision = head_operands(h.dtype)
+        kernel = self.model.head_kernel().astype(op_dtype)
+        out = jnp.einsum("bd,dv->bv", h.astype(op_dtype), kernel, precision=precision,
+                         preferred_element_type=jnp.float32)
+        return constrain(out, ("batch", "vocab"))
 
     # ------------------------------------------------------------------ entry points
     def prefill(self, batch, rope_deltas, cache_len: int):
