@@ -93,6 +93,14 @@ def peak_memory(mesh) -> str:
             + (f" of {limit / 2**30:.2f} GiB" if limit else ""))
 
 
+def si(x: float, unit: str) -> str:
+    """A rate with its SI prefix (TFLOP/s on a chip, GFLOP/s on a CPU smoke run)."""
+    for prefix, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3f} {prefix}{unit}"
+    return f"{x:.3f} {unit}"
+
+
 # ------------------------------------------------------------------ model sources
 def hf_dict(value: str, key: str) -> dict:
     """The HF config.json dict of a model key ("tiny", a directory, or a preset)."""
@@ -185,6 +193,9 @@ def synthetic_side(mcfg: Qwen3VLConfig, like: dict, image_tokens: int, token_id:
     specials = {mcfg.image_token_id, mcfg.video_token_id, mcfg.vision_start_token_id, mcfg.vision_end_token_id, token_id}
     rng = np.random.default_rng(seed)
     head = [mcfg.vision_start_token_id] + [mcfg.image_token_id] * image_tokens + [mcfg.vision_end_token_id]
+    # one random image repeated: pixel values do not change the cost, and a paper-sized batch of
+    # distinct ones took longer to draw on the host than the step takes
+    image = rng.standard_normal((h * w, v.patch_dim)).astype(np.float32)
     batches = []
     for _ in range(chunks):
         text = rng.integers(0, mcfg.text.vocab_size, size=(rows, seq - len(head) - 1))
@@ -192,7 +203,7 @@ def synthetic_side(mcfg: Qwen3VLConfig, like: dict, image_tokens: int, token_id:
         ids = np.concatenate([np.tile(head, (rows, 1)), text, np.full((rows, 1), token_id)], axis=1).astype(np.int32)
         batches.append(dict(input_ids=ids, attention_mask=np.ones_like(ids),
                             mm_token_type_ids=(ids == mcfg.image_token_id).astype(np.int32),
-                            pixel_values=rng.standard_normal((rows * h * w, v.patch_dim)).astype(np.float32),
+                            pixel_values=np.tile(image, (rows, 1)),
                             image_grid_thw=np.array([[1, h, w]] * rows, np.int64)))
     vision = tuple(like["patches"].shape[1:3])  # [C, rows, row_len, patch_dim]
     packed = pack_chunks(mcfg, batches, Buckets(exact=True), shape=(seq, vision))
@@ -240,12 +251,15 @@ def bench_train(args, mesh, chip, tmp: str) -> None:
           f"{init_s:.1f}s")
     with jax.set_mesh(mesh):
         t0 = time.perf_counter()
-        compiled = prog.fn.lower(state, frozen, q, p, key).compile()
-        compile_s = time.perf_counter() - t0
+        lowered = prog.fn.lower(state, frozen, q, p, key)
+        t1 = time.perf_counter()
+        compiled = lowered.compile()
+        t2 = time.perf_counter()
         mem = compiled.memory_analysis()
-        if mem is not None:
-            print(f"compiled in {compile_s:.1f}s; per chip: arguments {mem.argument_size_in_bytes / 2**30:.2f} GiB, "
-                  f"temporaries {mem.temp_size_in_bytes / 2**30:.2f} GiB, outputs {mem.output_size_in_bytes / 2**30:.2f} GiB")
+        per_chip = "" if mem is None else (
+            f"; per chip: arguments {mem.argument_size_in_bytes / 2**30:.2f} GiB, temporaries "
+            f"{mem.temp_size_in_bytes / 2**30:.2f} GiB, outputs {mem.output_size_in_bytes / 2**30:.2f} GiB")
+        print(f"traced and lowered in {t1 - t0:.1f}s, compiled in {t2 - t1:.1f}s{per_chip}")
         for _ in range(args.warmup):
             state, metrics = compiled(state, frozen, q, p, key)
         jax.block_until_ready((state, metrics))
@@ -261,8 +275,8 @@ def bench_train(args, mesh, chip, tmp: str) -> None:
           f"skipped steps {int(jax.device_get(state['skipped']))}")
     print(f"pairs/s: {s['pairs'] / step_s:.2f} ({s['pairs'] / step_s / n:.2f} per chip); tokens/s: "
           f"{prog.tokens_per_step / step_s:.0f}")
-    print(f"achieved FLOP/s (analytic, executed incl. recompute): {executed / 1e12:.3f} TFLOP/s, "
-          f"{executed / n / 1e12:.3f} per chip; model FLOPs per step {prog.model_flops:.3g}")
+    print(f"achieved FLOP/s (analytic, executed incl. recompute): {si(executed, 'FLOP/s')}, "
+          f"{si(executed / n, 'FLOP/s')} per chip; model FLOPs per step {prog.model_flops:.3g}")
     if chip:
         print(f"MFU: {100 * prog.model_flops / step_s / (n * chip.peak_flops):.1f}% of {chip.kind}'s "
               f"{chip.peak_flops / 1e12:.0f} TFLOP/s bf16 peak (HFU incl. recompute "
@@ -333,8 +347,10 @@ def bench_decode(args, mesh, chip) -> None:
         init_s = time.perf_counter() - t0
         fn = decode_program(mdef, cdtype, steps, start, jax.tree.map(lambda x: x.sharding, (cache, tokens)))
         t0 = time.perf_counter()
-        compiled = fn.lower(params, cache, tokens).compile()
-        compile_s = time.perf_counter() - t0
+        lowered = fn.lower(params, cache, tokens)
+        t1 = time.perf_counter()
+        compiled = lowered.compile()
+        lower_s, compile_s = t1 - t0, time.perf_counter() - t1
         for _ in range(args.warmup):
             cache, tokens = compiled(params, cache, tokens)
         jax.block_until_ready((cache, tokens))
@@ -356,18 +372,19 @@ def bench_decode(args, mesh, chip) -> None:
           f"compute and KV cache {cdtype.name}")
     print(f"shape: {rows} sequences ({per_chip} per chip) against a {length}-slot cache, {steps} greedy tokens per "
           f"call; weights {weight_bytes / 2**30:.2f} GiB read per step, KV cache {cache_bytes / 2**30:.2f} GiB; "
-          f"random weights made in their shards in {init_s:.1f}s; compiled in {compile_s:.1f}s")
+          f"random weights made in their shards in {init_s:.1f}s; traced and lowered in {lower_s:.1f}s, "
+          f"compiled in {compile_s:.1f}s")
     print(f"decode: {step_s * 1e3:.2f} ms/step, tokens/s: {tok_s:.1f} ({tok_s / n:.1f} per chip); "
-          f"achieved {flops / step_s / n / 1e12:.3f} TFLOP/s per chip")
+          f"achieved {si(flops / step_s / n, 'FLOP/s')} per chip")
     if chip:
         bound = rows / (chip_bytes / chip.hbm_bandwidth)
         print(f"HBM bound: {bound:.1f} tokens/s ({chip_bytes / 2**30:.2f} GiB per chip per step at "
               f"{chip.hbm_bandwidth / 1e12:.2f} TB/s); measured {100 * tok_s / bound:.1f}% of it; achieved "
-              f"{chip_bytes / step_s / 1e12:.2f} TB/s per chip")
+              f"{si(chip_bytes / step_s, 'B/s')} per chip")
     else:
         d = mesh.devices.flat[0]
         print(f"HBM bound: no bandwidth known for {d.platform} (device kind {d.device_kind!r}); "
-              f"{chip_bytes / 2**30:.2f} GiB per chip per step -> {chip_bytes / step_s / 1e9:.2f} GB/s achieved")
+              f"{chip_bytes / 2**30:.3f} GiB per chip per step -> {si(chip_bytes / step_s, 'B/s')} achieved")
     print(peak_memory(mesh))
 
 
@@ -391,6 +408,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--embedder-config", help="train-embedder config instead of the preset's (e.g. configs/embedder_4b.json)")
     ap.add_argument("--reasoner-config", help="train-reasoner config instead of the preset's; its policy is decoded")
     ap.add_argument("--mesh", metavar="D,F,T", help="data,fsdp,tensor over the local devices (default 1,-1,1: all on fsdp, as the presets)")
+    ap.add_argument("--devices", type=positive("--devices"),
+                    help="use the first N local devices (default all): e.g. one chip's figures without collectives")
     ap.add_argument("--layers", type=positive("--layers"), help="cut both models' text decoders to N layers (memory)")
     ap.add_argument("--seqs-per-chip", type=positive("--seqs-per-chip"), default=4,
                     help="sequences per chip in each tower forward (pairs per GradCache chunk / batch devices)")
@@ -415,10 +434,13 @@ def main(argv=None) -> int:
         if value:
             plan_lib.load_run_config(value)  # a missing or malformed file is named before any device work
     mesh_cfg = MeshConfig.parse(args.mesh) if args.mesh else MeshConfig()
+    devices = jax.local_devices()
+    if args.devices is not None and args.devices > len(devices):
+        raise SystemExit(f"--devices {args.devices}: this process has {len(devices)} local devices")
     try:
-        mesh = make_mesh(mesh_cfg)
+        mesh = make_mesh(mesh_cfg, devices=devices[:args.devices] if args.devices else None)
     except ValueError as e:
-        raise SystemExit(f"--mesh {args.mesh}: {e}") from None
+        raise SystemExit(f"--mesh {args.mesh or '1,-1,1'}: {e}") from None
     line, chip = describe(mesh)
     print("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()) + f"; python {sys.version.split()[0]}")
     print(line)
