@@ -43,6 +43,7 @@ import numpy as np
 from embedrl_jax import plan as plan_lib
 from embedrl_jax.chips import chip_of
 from embedrl_jax.config import PRESET_DIR
+from embedrl_jax.errors import UserError
 from embedrl_jax.hf import param_shardings
 from embedrl_jax.models.platform import platform_of
 from embedrl_jax.models.qwen3_vl.config import Qwen3VLConfig
@@ -429,6 +430,13 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    try:
+        return run(args)
+    except UserError as e:  # a bad config, override or model key: one line naming it, no traceback
+        raise SystemExit(f"accelerator.py: {e}") from None
+
+
+def run(args) -> int:
     for name in ("embedder_config", "reasoner_config"):
         value = getattr(args, name)
         if value:

@@ -79,6 +79,8 @@ def test_helpers():
     (["--skip-decode", "--tokens", "10"], r"--tokens 10: .*image of 16 tokens"),
     (["--mesh", "3,1,1"], "--mesh 3,1,1"),
     (["--devices", "9"], "--devices 9: this process has 8 local devices"),
+    (["--skip-decode", "--set", "inputs.image_max_tokens=2"], "image_min_tokens <= image_max_tokens"),
+    (["--embedder-config", "configs/toy_reasoner_rl.json"], "a egrl config, not a train-embedder one"),
 ])
 def test_bad_flags_are_named(argv, match, capsys):
     with pytest.raises(SystemExit) as e:
