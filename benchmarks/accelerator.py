@@ -452,12 +452,22 @@ def run(args) -> int:
     line, chip = describe(mesh)
     print("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()) + f"; python {sys.version.split()[0]}")
     print(line)
+    failed = 0
     with tempfile.TemporaryDirectory() as tmp:
-        if not args.skip_train:
-            bench_train(args, mesh, chip, tmp)
-        if not args.skip_decode:
-            bench_decode(args, mesh, chip)
-    return 0
+        for skip, name, bench, help_ in (
+                (args.skip_train, "Embedder train step", lambda: bench_train(args, mesh, chip, tmp),
+                 "--seqs-per-chip (fewer), --tokens (shorter), --layers N, or --set remat=full"),
+                (args.skip_decode, "Reasoner decode", lambda: bench_decode(args, mesh, chip),
+                 "--decode-seqs-per-chip (fewer), --cache-len (shorter), or --layers N")):
+            if skip:
+                continue
+            try:
+                bench()
+            except jax.errors.JaxRuntimeError as e:  # out of device memory: say so, go on to the next part
+                first = str(e).strip().splitlines()[0][:300]
+                print(f"\n== {name}: FAILED: {first}" + (f"; would help: {help_}" if "RESOURCE_EXHAUSTED" in first else ""))
+                failed = 1
+    return failed
 
 
 if __name__ == "__main__":
