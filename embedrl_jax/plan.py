@@ -31,6 +31,7 @@ from typing import Callable
 
 import numpy as np
 
+from .chips import ALIASES, TPU_CHIPS as CHIPS, Chip
 from .errors import UserError
 
 GiB = 2**30
@@ -38,26 +39,6 @@ EXIT_DOES_NOT_FIT = 3
 
 
 # ------------------------------------------------------------------ chips and topologies
-@dataclasses.dataclass(frozen=True)
-class Chip:
-    """Per-chip figures used for `fits` and the roofline: HBM, bf16 peak FLOP/s, HBM bandwidth."""
-
-    kind: str
-    hbm_bytes: int
-    peak_flops: float | None
-    hbm_bandwidth: float | None
-    grid_dims: int  # 3 for the 3-D torus chips (v4, v5p), 2 for v5e / v6e
-    cores_per_chip: int  # Cloud accelerator types count TensorCores for v4 / v5p
-
-
-# public Cloud TPU figures (bf16 dense peak, HBM capacity and bandwidth per chip)
-CHIPS = {
-    "v4": Chip("v4", 32 * GiB, 275e12, 1.228e12, 3, 2),
-    "v5e": Chip("v5e", 16 * GiB, 197e12, 0.819e12, 2, 1),
-    "v5p": Chip("v5p", 95 * GiB, 459e12, 2.765e12, 3, 2),
-    "v6e": Chip("v6e", 32 * GiB, 918e12, 1.640e12, 2, 1),
-}
-ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6litepod": "v6e"}
 TOPOLOGY_FORMS = ("libtpu chip grids: v4:2x2x2, v5e:8x8, v5e:16x16, v5p:2x4x4, v5p:4x4x4, v6e:4x4, v6e:16x16; "
                   "Cloud accelerator types: v4-N / v5p-N (N TensorCores = 2 per chip, v5p-64 is 32 chips), "
                   "v5e-N / v5litepod-N / v6e-N (N chips); cpu:N (N host CPU devices)")
