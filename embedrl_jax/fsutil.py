@@ -25,7 +25,7 @@ from pathlib import Path
 
 import jax
 from etils import epath
-from jax.experimental import multihost_utils
+import orbax.checkpoint as ocp
 
 from .errors import MissingFileError, UserError
 
@@ -222,7 +222,27 @@ def sync_processes(name: str) -> None:
                            "the other processes never reach it; build without collectives (no save_hf, "
                            "save_params, sync_processes or primary_first there)")
     if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
+        # The coordination service's barrier, not a device collective: `sync_global_devices`
+        # sets up CPU collectives (gloo) whose connect times out after 30 s, so a process that
+        # reached the barrier while process 0 was still building (a toy base, a data set) failed.
+        count = _barrier_counts[name] = _barrier_counts.get(name, 0) + 1
+        ocp.multihost.get_barrier_sync_fn()(key=f"{name}#{count}", timeout_ms=int(barrier_timeout_s() * 1000))
+
+
+_barrier_counts: dict[str, int] = {}  # every process calls the same barriers in order; keys must be unique
+
+
+def barrier_timeout_s() -> float:
+    """How long a process waits at a barrier for the others: $EMBEDRL_BARRIER_TIMEOUT seconds,
+    default one hour (process 0 may be building a data set or a toy base meanwhile)."""
+    raw = os.environ.get("EMBEDRL_BARRIER_TIMEOUT", "3600")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise UserError(f"EMBEDRL_BARRIER_TIMEOUT: {raw!r} is not a number of seconds") from None
+    if value <= 0:
+        raise UserError(f"EMBEDRL_BARRIER_TIMEOUT must be > 0 seconds, got {raw!r}")
+    return value
 
 
 def primary_first(build, name: str):

@@ -30,6 +30,7 @@ def _number(pattern, text):
     return float(m.group(1))
 
 
+@pytest.mark.slow
 def test_tiny_preset_prints_every_figure(capsys):
     assert bench.main(TINY) == 0
     out = capsys.readouterr().out

@@ -3,9 +3,13 @@ import os
 import subprocess
 import sys
 
+import jax
+import orbax.checkpoint as ocp
 import pytest
 
+from embedrl_jax import fsutil
 from embedrl_jax.distributed import cluster_kwargs, first_host, local_device_ids
+from embedrl_jax.errors import UserError
 
 
 def slurm_env(**over):
@@ -112,3 +116,21 @@ def test_unreachable_coordinator_times_out_naming_it():
     from embedrl_jax.distributed import CoordinatorUnreachable
     from embedrl_jax.errors import UserError
     assert issubclass(CoordinatorUnreachable, UserError) and issubclass(CoordinatorUnreachable, ConnectionError)
+
+
+def test_barriers_use_the_coordination_service_with_unique_keys_and_a_long_timeout(monkeypatch):
+    """A barrier must not go through CPU collectives (gloo gives up connecting after 30 s, so a
+    process waiting while process 0 built the toy base failed); repeated names get fresh keys."""
+    calls = []
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(ocp.multihost, "get_barrier_sync_fn", lambda: lambda **kw: calls.append(kw))
+    monkeypatch.setattr(fsutil, "_barrier_counts", {})
+    monkeypatch.setenv("EMBEDRL_BARRIER_TIMEOUT", "7200")
+    fsutil.sync_processes("step")
+    fsutil.sync_processes("step")
+    fsutil.sync_processes("other")
+    assert calls == [{"key": "step#1", "timeout_ms": 7_200_000}, {"key": "step#2", "timeout_ms": 7_200_000},
+                     {"key": "other#1", "timeout_ms": 7_200_000}]
+    monkeypatch.setenv("EMBEDRL_BARRIER_TIMEOUT", "soon")
+    with pytest.raises(UserError, match="EMBEDRL_BARRIER_TIMEOUT: 'soon'"):
+        fsutil.sync_processes("step")

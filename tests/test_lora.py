@@ -45,6 +45,7 @@ def test_targets_follow_the_patterns(setup):
     assert {p.rsplit("_lora_", 1)[0] for p in _paths(init_adapters(only_text, jax.random.key(1)))} == {"layers/q", "layers/v"}
 
 
+@pytest.mark.slow
 def test_fresh_adapters_are_the_identity_and_merge_reproduces_lora(setup):
     handle, mdef, adapters, batch = setup
     params = lora.combine(adapters, handle.params)

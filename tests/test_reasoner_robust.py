@@ -49,6 +49,7 @@ def reference(single, batch):
 
 
 # ------------------------------------------------------------------------------- sharded generation
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(1, 8, 1), (2, 2, 2)], ids=["fsdp8", "data2-fsdp2-tensor2"])
 def test_sharded_generate_equals_one_device(reasoner_dir, single, batch, reference, shape):
     from embedrl_jax import Reasoner

@@ -42,6 +42,7 @@ def _params(trainer):
     return jax.tree.map(np.asarray, jax.device_get(trainer.state["params"]))
 
 
+@pytest.mark.slow
 def test_first_step_ratio_is_exactly_one(env, tmp_path):
     root, cfg = env
     tr = ReasonerRLTrainer(cfg, tmp_path)
@@ -57,6 +58,7 @@ def test_first_step_ratio_is_exactly_one(env, tmp_path):
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
 
 
+@pytest.mark.slow
 def test_sharded_update_equals_single_device(env, tmp_path):
     root, cfg = env
     # lr 1e-4: Adam's first steps move each weight by about +-lr whatever the gradient's size, so a
@@ -162,6 +164,7 @@ def test_toy_reasoner_learns(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["120", "60"]
 
 
+@pytest.mark.slow
 def test_one_pair_with_equal_rewards_gives_a_finite_loss(env, tmp_path):
     """A batch of one pair whose rollouts all score the same: zero advantages, finite loss, no crash."""
     root, cfg = env

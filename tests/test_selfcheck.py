@@ -1,9 +1,12 @@
 """The README's main job, end to end on the tiny model: conversion both ways and parity."""
 import json
 
+import pytest
+
 from embedrl_jax.cli import main
 
 
+@pytest.mark.slow
 def test_selfcheck_passes_and_writes_its_report(tmp_path):
     assert main(["selfcheck", "--workdir", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "selfcheck.json").read_text())

@@ -162,6 +162,7 @@ def test_bad_lines_are_named_or_counted(tmp_path):
     assert "line 5 (query)" in samples[1].source
 
 
+@pytest.mark.slow
 def test_cli_runs_the_verb_and_exports(base, tmp_path):
     from embedrl_jax.cli import main
 

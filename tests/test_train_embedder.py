@@ -51,6 +51,7 @@ def test_toy_training_lowers_loss_and_beats_chance(tmp_path):
     assert {"lr", "pairs_per_s", "loss"} <= set(rows[0])
 
 
+@pytest.mark.slow
 def test_resume_is_exact(tmp_path):
     cfg = _cfg("steps=4", "checkpoint_every=2", "async_checkpoints=false")
     straight = EmbedderTrainer(cfg, tmp_path / "a", mesh=_single())
@@ -66,6 +67,7 @@ def test_resume_is_exact(tmp_path):
     assert [r["loss"] for r in rows] == [r["loss"] for r in read_metrics(tmp_path / "a" / "metrics.jsonl")]
 
 
+@pytest.mark.slow
 def test_sharded_step_equals_single_device(tmp_path):
     cfg = _cfg("steps=1", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "checkpoint_every=100")
     single = EmbedderTrainer(cfg, tmp_path / "single", mesh=_single())
@@ -80,6 +82,7 @@ def test_sharded_step_equals_single_device(tmp_path):
     assert abs(loss[0] - loss[1]) < 1e-5
 
 
+@pytest.mark.slow
 def test_export_merges_lora_and_encodes_like_the_trainer(tmp_path):
     from embedrl_jax import Embedder
 
@@ -94,6 +97,7 @@ def test_export_merges_lora_and_encodes_like_the_trainer(tmp_path):
     np.testing.assert_allclose(emb.encode(items, batch_size=4), ours, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_full_finetuning_trains_everything_but_the_unused_lm_head(tmp_path):
     """lora=null: every weight the Embedder reads is trained; the LM head stays frozen (no moments)."""
     trainer = EmbedderTrainer(_cfg("steps=1", "lora=null", "optim.warmup_steps=0", "checkpoint_every=100",
