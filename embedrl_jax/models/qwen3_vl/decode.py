@@ -24,7 +24,8 @@ from flax import nnx
 
 from ...sharding import constrain
 from ..platform import Target
-from .layers import attention, scan_layers
+from .attention import xla_attention as attention
+from .layers import scan_layers
 
 CACHE_AXES = ("layers", "batch", "kv_heads", "seq", "head_dim")
 LAYER_LOOPS = ("scan", "unrolled")
@@ -106,7 +107,8 @@ class Decoder:
         k_idx = jnp.broadcast_to(jnp.arange(cache_len, dtype=jnp.int32), (b, cache_len))
         x, deep = model.embed_inputs(batch, dtype, self.target)
         cos, sin = model.rope(batch["positions"], dtype)
-        mask = (jnp.zeros((b, p_len), jnp.int32), jnp.where(valid, 0, -1), k_idx[:, :p_len], k_idx)
+        # padded prompt positions are a segment (-1) of their own: no query row is left without a key
+        mask = (jnp.where(prompt_valid, 0, -1), jnp.where(valid, 0, -1), k_idx[:, :p_len], k_idx)
         h, ck, cv = self._layers(x, cos, sin, mask, cache, 0, deep)
         n_valid = prompt_valid.sum(-1).astype(jnp.int32)
         cache = {"k": ck, "v": cv, "valid": valid, "slot": jnp.int32(p_len),
