@@ -26,6 +26,8 @@ from tiny import build_inputs, real_image, tiny_hf_config, tiny_hf_model
 
 CPU = Target("cpu")
 TOL = 1e-5
+# jitted: eager op-by-op dispatch of the row map costs seconds on 2 cores
+attend_jit = jax.jit(attend, static_argnames=("layout", "attention", "target"))
 
 
 def _qkv(b, n, k, length, h, seed=0):
@@ -72,7 +74,7 @@ def _both(q, k, v, seg, causal, interpret=True):
             else:
                 out = splash_attention(q, k, v, seg, seg, causal=causal, interpret=interpret)
             return jnp.sum(out * w), out
-        (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+        (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
         return out, grads
 
     return run("xla"), run("splash")
@@ -108,7 +110,7 @@ def test_splash_sharded_over_batch_and_heads_with_unshardable_kv_heads():
     q, k, v = _qkv(4, 2, 1, 200, 64, seed=3)
     seg = _text_seg(200, [0, 17, 5, 0], "left")
     mesh = make_mesh(MeshConfig(2, 2, 2))
-    ref = attend(q, k, v, seg, seg, layout=Layout(causal=True), attention="xla", target=CPU)
+    ref = attend_jit(q, k, v, seg, seg, layout=Layout(causal=True), attention="xla", target=CPU)
     with jax.set_mesh(mesh):
         fn = jax.jit(lambda q, k, v, s: splash_attention(q, k, v, s, s, causal=True, interpret=True))
         lowered = fn.lower(q, k, v, seg)
@@ -123,12 +125,12 @@ def test_no_query_row_is_left_without_a_key():
     not a uniform average over every key (what an empty row's softmax gave)."""
     q, k, v = _qkv(1, 2, 1, 16, 8)
     seg = _text_seg(16, [4], "left")
-    out = attend(q, k, v, seg, seg, layout=Layout(causal=True), attention="xla", target=CPU)
+    out = attend_jit(q, k, v, seg, seg, layout=Layout(causal=True), attention="xla", target=CPU)
     np.testing.assert_allclose(out[0, :, 0], jnp.broadcast_to(v[0, 0, 0], (2, 8)), atol=1e-6)
     assert bool(jnp.isfinite(out).all())
     # vision padding patches (-1) attend among themselves; real frames never see them
     seg = _vision_seg(16, [[5, 6]])
-    out = attend(q, k, v, seg, seg, layout=Layout(causal=False), attention="xla", target=CPU)
+    out = attend_jit(q, k, v, seg, seg, layout=Layout(causal=False), attention="xla", target=CPU)
     probs = jax.nn.softmax(jnp.einsum("nlh,mh->nlm", q[0], k[0, 0]) * 8**-0.5 + jnp.where(
         seg[0][:, None] == seg[0][None, :], 0.0, -1e30), axis=-1)
     np.testing.assert_allclose(out[0], jnp.einsum("nlm,mh->nlh", probs, v[0, 0]), atol=1e-5)
@@ -169,6 +171,7 @@ def _score_shapes(hlo: str, length: int) -> list[str]:
     return re.findall(rf"[fb]f?\d+\[[\d,]*\b{length},{length}\]", hlo)
 
 
+@pytest.mark.slow  # ~19 s on 2 cores: Mosaic compiles the forward, dq and dkv kernels of text and vision
 def test_splash_train_step_compiles_for_tpu_topology():
     """A tiny model's loss + gradient step with attention="auto" on a compile-only v5p:2x2x1 mesh:
     auto is splash there; the compiled program holds Mosaic kernels and no [L, L] score matrix
@@ -195,8 +198,7 @@ def test_splash_train_step_compiles_for_tpu_topology():
         for name, a in arrays.items()}
     q = jax.ShapeDtypeStruct((2, 4, length, 16), jnp.bfloat16)
     seg = jax.ShapeDtypeStruct((2, length), jnp.int32)
-    # the suite's "highest" matmul precision (conftest) is a CPU-test setting: Mosaic refuses it for bf16
-    with jax.set_mesh(mesh), jax.default_matmul_precision("default"):
+    with jax.set_mesh(mesh):  # under the suite's "highest" matmul precision (conftest): splash holds its own
         hlo = jax.jit(step).lower(params, batch).compile().as_text()
         xla_hlo = jax.jit(lambda q, s: attend(q, q[:, :2], q[:, :2], s, s, layout=Layout(causal=True),
                                               attention="xla", target=Target("tpu"))).lower(q, seg).compile().as_text()
@@ -220,17 +222,18 @@ def test_cudnn_gets_btnh_causal_lengths_and_nothing_else(monkeypatch):
         return real(**dict(kw, implementation="xla"))
 
     monkeypatch.setattr(attn.jax.nn, "dot_product_attention", fake)
-    out = attend(q, k, v, seg, seg, layout=Layout(causal=True, right_padded=True), attention="cudnn",
-                 target=Target("gpu"))
+    out, lengths = jax.jit(lambda q, k, v, s: (attend(q, k, v, s, s, layout=Layout(causal=True, right_padded=True),
+                                                      attention="cudnn", target=Target("gpu")),
+                                               (seen["query_seq_lengths"], seen["key_value_seq_lengths"])))(q, k, v, seg)
     monkeypatch.undo()
     assert seen["implementation"] == "cudnn" and seen["is_causal"] is True
     assert seen["query"].shape == (2, 32, 4, 16) and seen["key"].shape == (2, 32, 2, 16)
     assert seen["value"].shape == (2, 32, 2, 16)
-    assert seen["query_seq_lengths"].dtype == jnp.int32
-    np.testing.assert_array_equal(seen["query_seq_lengths"], [32, 23])
-    np.testing.assert_array_equal(seen["key_value_seq_lengths"], [32, 23])
+    assert lengths[0].dtype == jnp.int32
+    np.testing.assert_array_equal(lengths[0], [32, 23])
+    np.testing.assert_array_equal(lengths[1], [32, 23])
     assert "bias" not in seen and "mask" not in seen
-    ref = attend(q, k, v, seg, seg, layout=Layout(causal=True), attention="xla", target=CPU)
+    ref = attend_jit(q, k, v, seg, seg, layout=Layout(causal=True), attention="xla", target=CPU)
     valid = np.asarray(seg == 0)
     np.testing.assert_allclose(np.swapaxes(np.asarray(out), 1, 2)[valid], np.swapaxes(np.asarray(ref), 1, 2)[valid],
                                atol=1e-5)
@@ -247,11 +250,11 @@ def test_cudnn_falls_back_to_xla_for_other_layouts_with_one_log_line(layout, cap
     monkeypatch.setattr(attn.jax.nn, "dot_product_attention", refuse)
     attn._warned.clear()
     with caplog.at_level(logging.WARNING, logger="embedrl_jax.models.qwen3_vl.attention"):
-        for _ in range(3):  # e.g. every layer: one line
-            out = attend(q, k, v, seg, seg, layout=layout, attention="cudnn", target=Target("gpu"))
+        for _ in range(3):  # three traces (every layer, every retrace): one line
+            out = jax.jit(lambda *a: attend(*a, layout=layout, attention="cudnn", target=Target("gpu")))(q, k, v, seg, seg)
     lines = [r.message for r in caplog.records if "cuDNN cannot take" in r.message]
     assert len(lines) == 1 and "uses xla" in lines[0]
-    ref = attend(q, k, v, seg, seg, layout=layout, attention="xla", target=CPU)
+    ref = attend_jit(q, k, v, seg, seg, layout=layout, attention="xla", target=CPU)
     np.testing.assert_allclose(out, ref, atol=1e-6)
 
 

@@ -6,9 +6,7 @@
 - "splash": Pallas splash attention (TPU): flash-style blocks, the score matrix never exists, so
   memory is linear in length. Segment ids and a static causal mask, grouped-query heads, run
   inside `shard_map` over the mesh's batch and head axes. On a CPU target it runs in Pallas
-  interpret mode (for tests: slow, and it says so once); a GPU target refuses it. bf16 operands
-  need the default matmul precision (under jax_default_matmul_precision="highest" Mosaic refuses
-  an fp32-precision matmul of bf16 vectors);
+  interpret mode (for tests: slow, and it says so once); a GPU target refuses it;
 - "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")` (GPU) for the one layout cuDNN
   takes (causal, right padding given as sequence lengths); every other layout (left padding,
   packed vision segments, non-causal) uses xla, decided at trace time and logged once;
@@ -33,7 +31,7 @@ from jax.sharding import PartitionSpec as P
 
 from ...errors import ConfigError
 from ...sharding import logical_to_spec
-from ..platform import Target
+from ..platform import Target, platform_of
 from .config import ATTENTION_KINDS
 from .inputs import SPLASH_MULTIPLE
 
@@ -70,11 +68,7 @@ def check(attention: str, platform: str) -> None:
 def resolve(attention: str, target: Target) -> str:
     """The kernel `attention` means on `target` ("auto" -> `Target.attention_kernel`)."""
     check(attention, target.platform)
-    kind = target.attention_kernel if attention == "auto" else attention
-    if kind == "splash" and target.platform == "cpu":
-        _warn_once("splash-interpret", "attention='splash' on a CPU target runs in Pallas interpret mode: exact "
-                   "but slow (meant for tests); use 'xla' or 'auto' on CPU")
-    return kind
+    return target.attention_kernel if attention == "auto" else attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +102,13 @@ def attend(q, k, v, q_seg, k_seg, *, layout: Layout, attention: str, target: Tar
                    f"attention='cudnn': cuDNN cannot take this {layout.describe()} layout ({reason}); it uses xla")
         kind = "xla"
     if kind == "splash":
-        return splash_attention(q, k, v, q_seg, k_seg, causal=layout.causal, interpret=target.platform == "cpu")
+        # the devices the program runs on (the mesh's, else the default device's), not the target: a
+        # CPU-run test may trace the accelerators' path (Target("tpu")) on CPU devices
+        interpret = "cpu" in (target.platform, platform_of(jax.sharding.get_abstract_mesh()))
+        if interpret:
+            _warn_once("splash-interpret", "attention='splash' on CPU devices runs in Pallas interpret mode: exact "
+                       "but slow (meant for tests); use 'xla' or 'auto' on CPU")
+        return splash_attention(q, k, v, q_seg, k_seg, causal=layout.causal, interpret=interpret)
     q_idx = k_idx = None
     if layout.causal:
         q_idx = jnp.broadcast_to(jnp.arange(q.shape[2], dtype=jnp.int32), q_seg.shape)
@@ -170,7 +170,34 @@ def _splash_local(q, k, v, q_seg, k_seg, *, causal: bool, interpret: bool):
     _, n, length, h = q.shape
     kernel = splash_kernel(n, length, k.shape[2], causal, interpret)
     q = (q.astype(jnp.float32) * h**-0.5).astype(q.dtype)  # splash does not scale the scores
-    return jax.vmap(lambda a, b, c, s, t: kernel(a, b, c, segment_ids=splash.SegmentIds(s, t)))(q, k, v, q_seg, k_seg)
+    run = jax.vmap(lambda a, b, c, s, t: kernel(a, b, c, segment_ids=splash.SegmentIds(s, t)))
+    if q.dtype != jnp.float32:
+        run = _default_precision(run)
+    return run(q, k, v, q_seg, k_seg)
+
+
+def _default_precision(fn):
+    """fn(q, k, v, q_seg, k_seg) whose kernels, forward and backward, are traced at the default
+    matmul precision. Mosaic has no fp32-precision matmul of bf16 operands, so a global
+    jax_default_matmul_precision="highest" (as the CPU test suite sets) would make a bf16 splash
+    program fail to compile; the kernel accumulates in fp32 regardless. The backward kernels are
+    traced when the gradient is taken, hence the custom_vjp holding the context there too."""
+
+    @jax.custom_vjp
+    def run(q, k, v, q_seg, k_seg):
+        with jax.default_matmul_precision("default"):
+            return fn(q, k, v, q_seg, k_seg)
+
+    def forward(q, k, v, q_seg, k_seg):
+        with jax.default_matmul_precision("default"):
+            return jax.vjp(lambda a, b, c: fn(a, b, c, q_seg, k_seg), q, k, v)
+
+    def backward(pullback, grad):
+        with jax.default_matmul_precision("default"):
+            return (*pullback(grad), None, None)
+
+    run.defvjp(forward, backward)
+    return run
 
 
 def splash_attention(q, k, v, q_seg, k_seg, *, causal: bool, interpret: bool):
