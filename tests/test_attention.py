@@ -87,11 +87,14 @@ def _max_diffs(ref, got):
 
 # ------------------------------------------------------------------ kernel parity (interpret mode)
 @pytest.mark.parametrize("name", ["text_left_pad_gqa", "text_right_pad_gqa", "vision_packed_segments"])
-def test_splash_interpret_equals_xla(name, capsys):
-    """fp32 splash (Pallas interpret mode) = xla to 1e-5, forward and gradients, 2 blocks of 128."""
+def test_splash_interpret_equals_xla(name):
+    """fp32 splash (Pallas interpret mode) = xla to 1e-5, forward and gradients. Left padding at
+    384 tokens runs 3x3 blocks of 128 (online softmax across blocks, causal block skipping)."""
     if name.startswith("text"):
-        q, k, v = _qkv(2, 4, 2, 256, 64)
-        seg = _text_seg(256, [37, 0], "left" if "left" in name else "right")
+        length = 384 if "left" in name else 256
+        q, k, v = _qkv(2, 4, 2, length, 64)
+        seg = _text_seg(length, [37, 0], "left" if "left" in name else "right")
+        assert attn.splash_block(length) == (128 if length == 384 else 256)
         causal = True
     else:
         q, k, v = _qkv(2, 4, 4, 256, 64)
@@ -209,9 +212,9 @@ def test_splash_train_step_compiles_for_tpu_topology():
 
 # ------------------------------------------------------------------ cuDNN
 def test_cudnn_gets_btnh_causal_lengths_and_nothing_else(monkeypatch):
-    """On a GPU target with a right-padded causal layout, `attend` hands jax.nn.dot_product_attention
-    exactly cuDNN's layout: BTNH arrays, is_causal, per-row query/key lengths, no bias, no mask; the
-    same call run by XLA equals our xla kernel on the real rows."""
+    """On a GPU target with a right-padded causal bf16 layout, `attend` hands
+    jax.nn.dot_product_attention exactly cuDNN's layout: BTNH arrays, is_causal, per-row query/key
+    lengths, no bias, no mask; the same call run by XLA (fp32) equals our xla kernel on the real rows."""
     q, k, v = _qkv(2, 4, 2, 32, 16)
     seg = _text_seg(32, [0, 9], "right")
     seen = {}
@@ -222,26 +225,30 @@ def test_cudnn_gets_btnh_causal_lengths_and_nothing_else(monkeypatch):
         return real(**dict(kw, implementation="xla"))
 
     monkeypatch.setattr(attn.jax.nn, "dot_product_attention", fake)
-    out, lengths = jax.jit(lambda q, k, v, s: (attend(q, k, v, s, s, layout=Layout(causal=True, right_padded=True),
-                                                      attention="cudnn", target=Target("gpu")),
-                                               (seen["query_seq_lengths"], seen["key_value_seq_lengths"])))(q, k, v, seg)
+    lengths = jax.jit(lambda q, k, v, s: (attend(q, k, v, s, s, layout=Layout(causal=True, right_padded=True),
+                                                 attention="cudnn", target=Target("gpu")),
+                                          (seen["query_seq_lengths"], seen["key_value_seq_lengths"]))[1])(
+        *(x.astype(jnp.bfloat16) for x in (q, k, v)), seg)
     monkeypatch.undo()
     assert seen["implementation"] == "cudnn" and seen["is_causal"] is True
     assert seen["query"].shape == (2, 32, 4, 16) and seen["key"].shape == (2, 32, 2, 16)
-    assert seen["value"].shape == (2, 32, 2, 16)
+    assert seen["value"].shape == (2, 32, 2, 16) and seen["query"].dtype == jnp.bfloat16
     assert lengths[0].dtype == jnp.int32
     np.testing.assert_array_equal(lengths[0], [32, 23])
     np.testing.assert_array_equal(lengths[1], [32, 23])
     assert "bias" not in seen and "mask" not in seen
+    out = jax.jit(lambda *a: attn.cudnn_attention(*a, implementation="xla"))(q, k, v, seg)
     ref = attend_jit(q, k, v, seg, seg, layout=Layout(causal=True), attention="xla", target=CPU)
     valid = np.asarray(seg == 0)
     np.testing.assert_allclose(np.swapaxes(np.asarray(out), 1, 2)[valid], np.swapaxes(np.asarray(ref), 1, 2)[valid],
                                atol=1e-5)
 
 
-@pytest.mark.parametrize("layout", [Layout(causal=True), Layout(causal=False)], ids=["left_padded", "packed"])
-def test_cudnn_falls_back_to_xla_for_other_layouts_with_one_log_line(layout, caplog, monkeypatch):
-    q, k, v = _qkv(1, 2, 2, 16, 8)
+@pytest.mark.parametrize("layout,dtype", [(Layout(causal=True), jnp.bfloat16), (Layout(causal=False), jnp.bfloat16),
+                                          (Layout(causal=True, right_padded=True), jnp.float32)],
+                         ids=["left_padded", "packed", "fp32"])
+def test_cudnn_falls_back_to_xla_for_other_layouts_with_one_log_line(layout, dtype, caplog, monkeypatch):
+    q, k, v = (x.astype(dtype) for x in _qkv(1, 2, 2, 16, 8))
     seg = _text_seg(16, [3], "left")
 
     def refuse(**kw):
@@ -255,7 +262,7 @@ def test_cudnn_falls_back_to_xla_for_other_layouts_with_one_log_line(layout, cap
     lines = [r.message for r in caplog.records if "cuDNN cannot take" in r.message]
     assert len(lines) == 1 and "uses xla" in lines[0]
     ref = attend_jit(q, k, v, seg, seg, layout=layout, attention="xla", target=CPU)
-    np.testing.assert_allclose(out, ref, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=1e-6)
 
 
 @pytest.mark.skipif(not any(d.platform == "gpu" for d in jax.devices()),

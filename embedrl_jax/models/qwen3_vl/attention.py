@@ -241,6 +241,10 @@ def cudnn_refusal(q, k, layout: Layout) -> str | None:
         return "segment ids (left padding, packing) are not sequence lengths"
     if q.shape[2] != k.shape[2]:
         return "query and key lengths differ"
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        return f"{q.dtype} operands (its fused kernel takes bfloat16/float16)"
+    if q.shape[-1] % 8 or q.shape[-1] > 256:
+        return f"head dim {q.shape[-1]} (it takes multiples of 8 up to 256)"
     return None
 
 
