@@ -9,12 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental import topologies
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 import embedrl_jax
 from embedrl_jax.errors import ConfigError, UserError
 from embedrl_jax.models.qwen3_vl import attention as attn
-from embedrl_jax.models.qwen3_vl.attention import Layout, attend, splash_attention, xla_attention
+from embedrl_jax.models.qwen3_vl.attention import Layout, attend, splash_attention
 from embedrl_jax.models.platform import Target
 from embedrl_jax.models.qwen3_vl.config import Qwen3VLConfig
 from embedrl_jax.models.qwen3_vl.inputs import Buckets, pack_inputs
