@@ -19,6 +19,7 @@ from embedrl_jax.models.qwen3_vl.config import Qwen3VLConfig
 from embedrl_jax.models.qwen3_vl.inputs import Buckets, pack_inputs
 from embedrl_jax.models.qwen3_vl.model import model_def
 from embedrl_jax.models.qwen3_vl.text import text_segments
+from embedrl_jax.reason.sequences import with_completions
 from embedrl_jax.sharding import MeshConfig, make_mesh, named_sharding
 from embedrl_jax.train.core import TrainerConfig
 from tiny import build_inputs, real_image, tiny_hf_config, tiny_hf_model
@@ -207,6 +208,35 @@ def test_splash_train_step_compiles_for_tpu_topology():
     assert "tpu_custom_call" in hlo
     assert _score_shapes(xla_hlo, length)  # the pattern finds score matrices where they exist
     assert not _score_shapes(hlo, length) and not _score_shapes(hlo, row_len)
+
+
+def test_prefill_by_splash_equals_the_full_forward_and_decoding_continues():
+    """Decode prefill attends over the prompt's own keys by the config's kernel: with splash
+    (interpret; 40-token prompts padded inside to 128) and with xla, its next-token logits and the
+    following decode step's (xla against the cache the prefill wrote) equal the xla full forward
+    over prompt + token."""
+    # two layers: the second layer's cached keys depend on the first layer's (causal) attention
+    cfg = Qwen3VLConfig.from_hf_dict(tiny_hf_config(text_layers=2, vision_depth=1, deepstack=(0,)).to_dict())
+    inputs = build_inputs([[40], [23]], padding_side="left")
+    arrays, info = pack_inputs(cfg, **inputs, pad_to=inputs["input_ids"].shape[1])
+    rng = np.random.default_rng(0)  # host random weights: init_params would compile the whole initialiser
+    params = jax.tree.map(lambda x: jnp.asarray((1.0 if x.ndim == 1 else 0.0) + 0.1 * rng.standard_normal(x.shape),
+                                                jnp.float32), model_def(cfg).abstract_params())
+    batch = {k: jnp.asarray(v) for k, v in arrays.items()}
+    for kind in ("splash", "xla"):
+        mdef = model_def(cfg.replace(attention=kind))
+
+        @jax.jit
+        def run(params, batch, mdef=mdef):
+            logits, cache = mdef.prefill(params, batch, info["rope_deltas"], batch["input_ids"].shape[1] + 2)
+            token = jnp.argmax(logits, -1).astype(jnp.int32)
+            return logits, token, mdef.decode_step(params, cache, token)[0]
+
+        first, token, second = run(params, batch)
+        seq = with_completions(arrays, info["rope_deltas"], np.asarray(token)[:, None], np.ones((2, 1), bool))
+        full = jax.jit(model_def(cfg.replace(attention="xla")).logits)(params, {k: jnp.asarray(v) for k, v in seq.items()})
+        assert float(jnp.abs(first - full[:, -2]).max()) <= 1e-4, kind
+        assert float(jnp.abs(second - full[:, -1]).max()) <= 1e-4, kind
 
 
 # ------------------------------------------------------------------ cuDNN
