@@ -23,6 +23,8 @@ import orbax.checkpoint as ocp
 from .fsutil import COMMIT_MARKER, as_path, replace_dir, sync_processes
 from .hf import (Qwen3VLHandle, copy_side_files, load_hf, np_dtype, param_shardings, read_hf_config,
                  single_device_mesh)
+from .models.qwen3_vl.attention import resolve as attention_kernel
+from .models.platform import target_of
 from .models.qwen3_vl.inputs import Buckets
 from .models.qwen3_vl.model import ModelDef, model_def
 
@@ -128,7 +130,7 @@ def restore_params(directory, mdef: ModelDef, mesh, dtype=None):
     return _checkpointer().restore(path, args=ocp.args.StandardRestore(target))
 
 
-def load_orbax(directory, mesh=None, dtype=None, *, buckets: Buckets = Buckets()) -> Qwen3VLHandle:
+def load_orbax(directory, mesh=None, dtype=None, *, buckets: Buckets = Buckets(), attention: str = "auto") -> Qwen3VLHandle:
     """A `Qwen3VLHandle` from a `save_params` directory, on `mesh` (default: one device).
 
     HF export of the handle writes tensors in the dtype the params were restored in.
@@ -137,19 +139,21 @@ def load_orbax(directory, mesh=None, dtype=None, *, buckets: Buckets = Buckets()
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
     hf_cfg, ours = read_hf_config(directory)
-    mdef = model_def(ours)
     mesh = mesh if mesh is not None else single_device_mesh()
+    ours = ours.replace(attention=attention)
+    buckets = buckets.for_attention(attention_kernel(attention, target_of(mesh)))  # as load_hf
+    mdef = model_def(ours)
     params = restore_params(directory, mdef, mesh, dtype)
     # no source dtypes: export falls back to each parameter's own (restored) dtype
     return Qwen3VLHandle(hf_cfg, mdef, params, mesh, source=directory, source_dtypes={}, buckets=buckets)
 
 
-def load_model(path, *, mesh=None, dtype="float32", what="model") -> Qwen3VLHandle:
+def load_model(path, *, mesh=None, dtype="float32", what="model", attention: str = "auto") -> Qwen3VLHandle:
     """Either kind of model directory a user may hand us: orbax (has `params/`, from
     `save_params` / `save_handle` / a trainer's checkpoint export) or Hugging Face."""
     path = Path(path)
     if (path / "params").is_dir():
-        return load_orbax(path, mesh=mesh, dtype=dtype)
+        return load_orbax(path, mesh=mesh, dtype=dtype, attention=attention)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{what} directory {path}: no config.json (Hugging Face) or params/ (orbax)")
-    return load_hf(path, dtype=dtype, mesh=mesh)
+    return load_hf(path, dtype=dtype, mesh=mesh, attention=attention)

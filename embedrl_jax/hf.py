@@ -23,6 +23,8 @@ from jax.sharding import NamedSharding
 from . import safetensors_io as st
 from .errors import MissingFileError
 from .fsutil import COMMIT_MARKER, as_path, local_copy, local_staging, replace_dir, require, sync_processes
+from .models.platform import target_of
+from .models.qwen3_vl.attention import resolve as attention_kernel
 from .models.qwen3_vl.config import Qwen3VLConfig
 from .models.qwen3_vl.inputs import HF_INPUT_NAMES, Buckets, pack_inputs
 from .models.qwen3_vl.mapping import Mapping, Row, get_path, set_path, stack_size
@@ -215,12 +217,18 @@ def load_params(path: str | Path, mdef: ModelDef, mesh, dtype=np.float32):
     return params, source_dtypes
 
 
-def load_hf(path, *, dtype="float32", mesh=None, buckets: Buckets = Buckets()) -> Qwen3VLHandle:
+def load_hf(path, *, dtype="float32", mesh=None, buckets: Buckets = Buckets(), attention: str = "auto") -> Qwen3VLHandle:
     """Load a Qwen3-VL HF directory (config.json + safetensors) onto `mesh` (default: one device).
-    `path` is a local directory or an object-store URL (gs://..., through fsutil)."""
+
+    `path` is a local directory or an object-store URL (gs://..., through fsutil). `attention`:
+    the kernel of the handle's `logits` (auto | xla | splash | cudnn, `models/qwen3_vl/attention.py`),
+    checked against the mesh's platform here; where it is splash, padded lengths round to
+    splash's block multiple (`Buckets.for_attention`)."""
     path = require(path, "Hugging Face model directory")
     hf_cfg, ours = read_hf_config(path)
     mesh = mesh if mesh is not None else single_device_mesh()
+    ours = ours.replace(attention=attention)
+    buckets = buckets.for_attention(attention_kernel(attention, target_of(mesh)))
     mdef = model_def(ours)
     params, source_dtypes = load_params(path, mdef, mesh, dtype)
     return Qwen3VLHandle(hf_cfg, mdef, params, mesh, source=path, source_dtypes=source_dtypes, buckets=buckets)

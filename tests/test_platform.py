@@ -23,7 +23,9 @@ CPU, TPU = Target("cpu"), Target("tpu")
 
 
 def _config(layers=2):
-    return Qwen3VLConfig.from_hf_dict(tiny_hf_config(text_layers=layers).to_dict())
+    # the layer loop and remat under test, with one attention kernel on every target (splash on a
+    # CPU-run TPU target would be Pallas interpret mode: tests/test_attention.py covers it)
+    return Qwen3VLConfig.from_hf_dict(tiny_hf_config(text_layers=layers).to_dict()).replace(attention="xla")
 
 
 def _tiny(samples):

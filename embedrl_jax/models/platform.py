@@ -12,7 +12,8 @@ use), from an explicit `Target`, or, with no mesh at all, from the default devic
   depth, the slices read in place);
 - attention row chunking: on CPU a few batch rows at a time (the fp32 score block stays within
   ~8 MiB, cache-resident); on accelerators every row in one step;
-- the attention kernel (issue 13: splash on TPU, cuDNN on GPU); "xla" everywhere today;
+- the attention kernel `attention="auto"` means (`models/qwen3_vl/attention.py`): Pallas splash on TPU,
+  cuDNN fused attention on GPU (for the layouts it takes; xla for the rest), xla on CPU;
 - the default remat policy: `full` on accelerators, `none` on CPU (see `remat_policy`).
 """
 from __future__ import annotations
@@ -50,7 +51,9 @@ class Target:
 
     @property
     def attention_kernel(self) -> str:
-        return "xla"
+        """The kernel `attention="auto"` runs: splash on TPU, cudnn on GPU, xla on CPU (where
+        splash only runs in Pallas interpret mode and the fused GPU kernel does not exist)."""
+        return {"tpu": "splash", "gpu": "cudnn", "cpu": "xla"}[self.platform]
 
     @property
     def default_remat(self) -> str:

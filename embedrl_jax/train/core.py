@@ -44,7 +44,7 @@ from ..errors import ConfigError, MissingFileError, UserError
 from ..fsutil import as_path, is_published, is_remote, primary_first, write_run_config
 from ..hf import Qwen3VLHandle, param_shardings, read_hf_config, save_hf
 from ..models.platform import target_of
-from ..models.qwen3_vl.config import Qwen3VLConfig
+from ..models.qwen3_vl.config import ATTENTION_KINDS, Qwen3VLConfig
 from ..models.qwen3_vl.inputs import Buckets
 from ..models.qwen3_vl.model import init_adapters, model_def
 from ..sharding import MeshConfig, data_shard, make_mesh
@@ -99,6 +99,7 @@ class TrainerConfig:
     # none | full | dots | dots_no_batch | offload (true = full, false = none); auto: the target's
     # default (full on accelerators, none on XLA:CPU), decided by the model from the mesh's devices
     remat: str | bool = "auto"
+    attention: str = "auto"  # auto | xla | splash | cudnn (models/qwen3_vl/attention.py); auto: the target platform's kernel
     checkpoint_every: int = 50
     checkpoint_minutes: float = 0.0  # also checkpoint when this many minutes passed since the last one (0: off)
     keep_checkpoints: int = 3  # >= 2: a damaged latest checkpoint falls back to the previous one
@@ -114,6 +115,8 @@ class TrainerConfig:
             object.__setattr__(self, "remat", "full" if self.remat else "none")
         if self.remat not in REMAT_POLICIES + ("auto",):
             raise ConfigError(f"remat: {self.remat!r} is not one of {list(REMAT_POLICIES) + ['auto']} (or true/false)")
+        if self.attention not in ATTENTION_KINDS:
+            raise ConfigError(f"attention: {self.attention!r} is not one of {list(ATTENTION_KINDS)}")
         if self.compute_dtype not in FLOAT_DTYPES:
             raise ConfigError(f"compute_dtype: {self.compute_dtype!r} is not one of {list(FLOAT_DTYPES)}")
         check_frozen_dtype("base_dtype", self.base_dtype)
@@ -245,7 +248,7 @@ class Trainer:
         dtype = "float32" if (masters and setting == "auto") else self.frozen_dtype(setting)
         if not self.abstract:
             self.source = self.model_dir(spec, build_toy)
-            return load_model(self.source, mesh=self.mesh, dtype=dtype)
+            return load_model(self.source, mesh=self.mesh, dtype=dtype, attention=self.cfg.attention)
         self.source = None
         if spec == "tiny":
             hf = tiny_hf_config(vocab=1024)
@@ -257,7 +260,7 @@ class Trainer:
             if not path.is_file():
                 raise MissingFileError(f"model {spec!r}: not a directory, config file or preset in {path.parent}")
             hf, ours = None, Qwen3VLConfig.from_hf_dict(json.loads(path.read_text()))
-        mdef = model_def(ours)
+        mdef = model_def(ours.replace(attention=self.cfg.attention))
         shardings = param_shardings(mdef, self.mesh)
         params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, jnp.dtype(dtype), sharding=s),
                               mdef.abstract_params(), shardings)

@@ -11,7 +11,11 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ...errors import ConfigError
+
 SUPPORTED_MODEL_TYPES = ("qwen3_vl",)
+# the `attention` key (see models/qwen3_vl/attention.py): the platform's kernel, or one named explicitly
+ATTENTION_KINDS = ("auto", "xla", "splash", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +77,9 @@ class Qwen3VLConfig:
     vision_end_token_id: int
     tie_word_embeddings: bool
     emb_token_ids: tuple[int, ...] | None = None
+    # attention kernel (not an HF field, never exported): auto | xla | splash | cudnn; part of the
+    # hash, so programs traced with different kernels are different programs
+    attention: str = "auto"
     hf: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
 
     # ---- HF config.json <-> dataclasses -------------------------------------------------
@@ -160,10 +167,15 @@ class Qwen3VLConfig:
         return d
 
     def replace(self, **changes) -> "Qwen3VLConfig":
-        return dataclasses.replace(self, **changes)
+        out = dataclasses.replace(self, **changes)
+        if "attention" in changes:
+            out.validate()
+        return out
 
     def validate(self) -> None:
         t, v = self.text, self.vision
+        if self.attention not in ATTENTION_KINDS:
+            raise ConfigError(f"attention: {self.attention!r} is not one of {list(ATTENTION_KINDS)}")
         if sum(t.mrope_section) != t.head_dim // 2:
             raise ValueError(f"mrope_section {t.mrope_section} must sum to head_dim/2 = {t.head_dim // 2}")
         if v.grid_side**2 != v.num_position_embeddings:

@@ -29,7 +29,9 @@ from flax import nnx
 from ...sharding import constrain
 from ..logprobs import head_operands
 from ..platform import Target
-from .layers import attention, scan_layers
+from .attention import Layout, attend, xla_attention
+from .layers import scan_layers
+from .text import text_segments
 
 CACHE_AXES = ("layers", "batch", "kv_heads", "seq", "head_dim")
 LAYER_LOOPS = ("scan", "unrolled")
@@ -67,8 +69,18 @@ class Decoder:
     # ------------------------------------------------------------------ layers
     def _layers(self, x, cos, sin, mask, cache, write_at, deep=None):
         """Every decoder layer once over x [B, T, D]: layer i writes the chunk's keys/values at slot
-        `write_at` of its cache and attends over the whole cache with `mask`. Returns (h, k, v)."""
+        `write_at` of its cache and attends with `mask`: a 4-tuple (q_seg, k_seg, q_idx, k_idx) over
+        the whole cache (a decode step: xla, memory linear in the cache), or, for the prefill, the
+        prompt's segment ids [B, T]: causal attention over the prompt's own fresh keys (the cache
+        holds nothing else yet) by the config's kernel, so a long prompt never has a
+        [T, cache] score matrix where the kernel is splash. Returns (h, k, v)."""
         model, target = self.model, self.target
+
+        def attention(q, k, v, layer_k, layer_v):
+            if isinstance(mask, tuple):
+                return xla_attention(q, layer_k, layer_v, *mask, target=target)
+            return attend(q, k, v, mask, mask, layout=Layout(causal=True),
+                          attention=model.cfg.attention, target=target)
         if self.layer_loop == "scan":
             def write(stack, new, i):
                 start = (i, 0, 0, write_at, 0)
@@ -80,7 +92,7 @@ class Decoder:
                 ck, cv = write(ck, k, i), write(cv, v, i)
                 layer_k = jax.lax.dynamic_index_in_dim(ck, i, keepdims=False)
                 layer_v = jax.lax.dynamic_index_in_dim(cv, i, keepdims=False)
-                h = layer.finish(h, attention(q, layer_k, layer_v, *mask, target=target))
+                h = layer.finish(h, attention(q, k, v, layer_k, layer_v))
                 return model.add_deepstack(h, deep, i), ck, cv
 
             steps = jnp.arange(self.n_layers, dtype=jnp.int32)
@@ -90,7 +102,7 @@ class Decoder:
             q, k, v = layer.project_qkv(x, cos, sin)
             ks[i] = jax.lax.dynamic_update_slice_in_dim(ks[i], k.astype(ks[i].dtype), write_at, axis=2)
             vs[i] = jax.lax.dynamic_update_slice_in_dim(vs[i], v.astype(vs[i].dtype), write_at, axis=2)
-            x = model.add_deepstack(layer.finish(x, attention(q, ks[i], vs[i], *mask, target=target)), deep, i)
+            x = model.add_deepstack(layer.finish(x, attention(q, k, v, ks[i], vs[i])), deep, i)
         return x, ks, vs
 
     def _logits(self, h):
@@ -115,11 +127,10 @@ class Decoder:
         cache = self.init_cache(b, cache_len)
         prompt_valid = batch["attention_mask"] > 0
         valid = cache["valid"].at[:, :p_len].set(prompt_valid)
-        k_idx = jnp.broadcast_to(jnp.arange(cache_len, dtype=jnp.int32), (b, cache_len))
         x, deep = model.embed_inputs(batch, dtype, self.target)
         cos, sin = model.rope(batch["positions"], dtype)
-        mask = (jnp.zeros((b, p_len), jnp.int32), jnp.where(valid, 0, -1), k_idx[:, :p_len], k_idx)
-        h, ck, cv = self._layers(x, cos, sin, mask, cache, 0, deep)
+        # padded prompt positions are a segment of their own: no query row is left without a key
+        h, ck, cv = self._layers(x, cos, sin, text_segments(batch["attention_mask"]), cache, 0, deep)
         n_valid = prompt_valid.sum(-1).astype(jnp.int32)
         cache = {"k": ck, "v": cv, "valid": valid, "slot": jnp.int32(p_len),
                  "pos": n_valid + jnp.asarray(rope_deltas, jnp.int32)}

@@ -6,6 +6,10 @@ Bucketing rule (one rule for sequence length, patch-row length and row count):
 So every octave has 16 buckets, padding wastes at most 6.25 %, and a jitted forward
 compiles once per bucket instead of once per image size or prompt length (e.g. 326
 tokens -> 336, 784 patches -> 800, 3000 patches -> 3072).
+Where attention runs as Pallas splash (TPU), sequence and patch-row lengths are further rounded
+up to a multiple of its block multiple, 128 (`Buckets.multiple`, set by `Buckets.for_attention`):
+326 tokens -> 384, 784 patches -> 896, 3000 -> 3072. `Buckets.seq_max` (when set) is the
+configured maximum sequence length: a longer input row is refused, naming the row.
 
 Vision patches are packed into rows: every image frame (and every video frame group) is
 one attention segment of h*w patches; frames are placed in order into rows of the
@@ -21,8 +25,11 @@ import math
 
 import numpy as np
 
+from ...errors import ConfigError, UserError
 from .config import Qwen3VLConfig
 from .rope import get_rope_index
+
+SPLASH_MULTIPLE = 128  # splash's lane width: its q/kv blocks, hence padded lengths, are multiples of it
 
 HF_INPUT_NAMES = (
     "input_ids",
@@ -46,18 +53,45 @@ def bucket(n: int, minimum: int = 16, granule: int = 8) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Buckets:
-    """Minimum sizes for the three bucketed dimensions; `exact=True` disables bucketing."""
+    """Minimum sizes for the three bucketed dimensions; `exact=True` disables bucketing.
+
+    `multiple`: sequence and patch-row lengths are also rounded up to a multiple of this (128 where
+    attention is splash: its blocks tile the length; 1 elsewhere). `seq_max`: the configured
+    maximum sequence length (None: no limit); padded lengths never exceed it."""
 
     seq_min: int = 16
     patch_min: int = 64
     rows_min: int = 1
     exact: bool = False
+    multiple: int = 1
+    seq_max: int | None = None
+
+    def __post_init__(self):
+        if self.multiple < 1:
+            raise ConfigError(f"buckets.multiple must be >= 1, got {self.multiple}")
+        if self.seq_max is not None and self.seq_max < 1:
+            raise ConfigError(f"buckets.seq_max must be >= 1 or null, got {self.seq_max}")
+
+    def for_attention(self, kernel: str) -> "Buckets":
+        """These buckets for an attention kernel (`qwen3_vl.attention.resolve`'s answer): splash needs
+        lengths in multiples of its 128-wide blocks; other kernels take any length."""
+        if kernel != "splash" or self.exact:
+            return self
+        return dataclasses.replace(self, multiple=math.lcm(self.multiple, SPLASH_MULTIPLE))
+
+    def _round(self, n):
+        return int(math.ceil(n / self.multiple) * self.multiple)
 
     def seq(self, n):
-        return n if self.exact else bucket(n, self.seq_min)
+        if self.exact:
+            return n
+        out = self._round(bucket(n, self.seq_min))
+        if self.seq_max is not None and n <= self.seq_max:
+            out = min(out, self._round(self.seq_max))
+        return out
 
     def patches(self, n):
-        return n if self.exact else bucket(n, self.patch_min)
+        return n if self.exact else self._round(bucket(n, self.patch_min))
 
     def rows(self, n):
         return n if self.exact else bucket(n, self.rows_min, granule=1)
@@ -277,6 +311,12 @@ def pack_inputs(
     mask = np.ones((b, length), np.int32) if attention_mask is None else np.asarray(attention_mask).astype(np.int32)
     if mask.shape != (b, length):
         raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {(b, length)}")
+    if buckets.seq_max is not None:
+        tokens = (mask > 0).sum(-1)
+        if length > buckets.seq_max:
+            row = int(tokens.argmax())
+            raise UserError(f"input row {row} has {int(tokens[row])} tokens (padded batch width {length}), over the "
+                            f"configured maximum buckets.seq_max={buckets.seq_max}")
     image_tok = (input_ids == cfg.image_token_id) & (mask > 0)
     video_tok = (input_ids == cfg.video_token_id) & (mask > 0)
     if mm_token_type_ids is None:

@@ -1,4 +1,5 @@
-"""Shared building blocks: parameter constructors with logical names, norms, attention."""
+"""Shared building blocks: parameter constructors with logical names, norms, the layer loop.
+(Attention lives in `models/qwen3_vl/attention.py`.)"""
 from __future__ import annotations
 
 import jax
@@ -8,9 +9,6 @@ from flax import nnx
 
 from ...lora import LORA_A, LORA_B, adapter_shapes, lora_einsum
 from ..platform import Target, remat_policy
-
-NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
-
 
 def param(rngs: nnx.Rngs, shape, names, init: str = "normal", scale: float = 0.02) -> nnx.Param:
     """An nnx.Param carrying logical axis names (resolved to a mesh only in sharding.py)."""
@@ -92,30 +90,3 @@ def layer_norm(x, weight, bias, eps):
     y = (x - mean) * jax.lax.rsqrt(var + eps)
     return (y * weight.astype(jnp.float32) + bias.astype(jnp.float32)).astype(dtype)
 
-
-def attention(q, k, v, q_seg, k_seg, q_idx=None, k_idx=None, *, target: Target):
-    """Grouped-query attention, heads-first, with masks built per row from segment ids.
-
-    q [B, N, L, H], k/v [B, K, M, H] with N = K * G. A query attends to keys of its own
-    segment (k_seg = -1 marks padding keys); with q_idx/k_idx given, only to keys at or
-    before it (causal). Scores and softmax in fp32; returns [B, N, L, H]. The target decides
-    how many batch rows go per step (`Target.attention_rows`).
-    """
-    b, n, length, h = q.shape
-    kv = k.shape[1]
-    g = n // kv
-    causal = q_idx is not None
-
-    def one(args):
-        qr, kr, vr, qs, ks = args[:5]
-        mask = (qs[:, None] == ks[None, :]) & (ks >= 0)[None, :]
-        if causal:
-            mask = mask & (args[6][None, :] <= args[5][:, None])
-        qr = qr.reshape(kv, g, length, h)
-        scores = jnp.einsum("kglh,kmh->kglm", qr, kr, preferred_element_type=jnp.float32) * (h**-0.5)
-        scores = jnp.where(mask, scores, NEG_INF)
-        probs = jax.nn.softmax(scores, axis=-1).astype(vr.dtype)
-        return jnp.einsum("kglm,kmh->kglh", probs, vr).reshape(n, length, h)
-
-    xs = (q, k, v, q_seg, k_seg) + ((q_idx, k_idx) if causal else ())
-    return jax.lax.map(one, xs, batch_size=target.attention_rows(b, 4 * n * length * k.shape[2]))

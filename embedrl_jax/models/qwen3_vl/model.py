@@ -21,7 +21,7 @@ from .config import Qwen3VLConfig
 from .decode import Decoder
 from .layers import param, rms_norm, scan_layers, stacked
 from .rope import mrope_cos_sin
-from .text import DecoderLayer, causal_mask
+from .text import DecoderLayer, text_segments
 from .vision import PatchMerger, VisionBlock, VisionTower
 
 Params = dict[str, Any]
@@ -41,7 +41,7 @@ class Qwen3VL(nnx.Module):
     def vision_features(self, batch, dtype, target: Target, remat=False, rng=None):
         return self.visual(
             batch["patches"], batch["segment_ids"], batch["pos_idx"], batch["pos_w"], batch["rowcol"],
-            target=target, dtype=dtype, remat=remat, rng=rng,
+            target=target, dtype=dtype, remat=remat, rng=rng, attention=self.cfg.attention,
         )
 
     def embed_inputs(self, batch, dtype, target: Target, remat=False, rng=None):
@@ -67,9 +67,10 @@ class Qwen3VL(nnx.Module):
         slab = jax.lax.dynamic_index_in_dim(deep, jnp.minimum(i, deep.shape[0] - 1), keepdims=False)
         return h + jnp.where(i < deep.shape[0], slab, jnp.zeros_like(slab))
 
-    def decode_layers(self, x, cos, sin, mask, deep, target: Target, remat=False, rng=None):
+    def decode_layers(self, x, cos, sin, segments, deep, target: Target, remat=False, rng=None, right_padded=False):
         def body(layer, h, i):
-            h = layer(h, cos, sin, mask, None if rng is None else jax.random.fold_in(rng, i), target=target)
+            h = layer(h, cos, sin, segments, None if rng is None else jax.random.fold_in(rng, i), target=target,
+                      attention=self.cfg.attention, right_padded=right_padded)
             return self.add_deepstack(h, deep, i)
 
         return scan_layers(self.layers, body, x, jnp.arange(self.cfg.text.num_hidden_layers),
@@ -84,15 +85,18 @@ class Qwen3VL(nnx.Module):
     def final_norm(self, x):
         return rms_norm(x, self.norm[...], self.cfg.text.rms_norm_eps)
 
-    def __call__(self, batch, *, dtype=jnp.float32, remat=False, rng=None, target: Target | str | None = None):
+    def __call__(self, batch, *, dtype=jnp.float32, remat=False, rng=None, target: Target | str | None = None,
+                 right_padded: bool = False):
         """Final-norm hidden states [B, L, D]; `rng` enables LoRA dropout (training); `target`
-        None follows the mesh in the sharding context (`platform.current_target`)."""
+        None follows the mesh in the sharding context (`platform.current_target`).
+        `right_padded` (static): the caller guarantees every row's attention_mask is a prefix of
+        ones, the one text layout cuDNN's fused kernel takes (else cudnn falls back to xla, logged)."""
         target = resolve(target)
         x, deep = self.embed_inputs(batch, dtype, target, remat, rng)
         cos, sin = self.rope(batch["positions"], dtype)
-        mask = causal_mask(batch["attention_mask"])
+        segments = text_segments(batch["attention_mask"])
         text_rng = None if rng is None else jax.random.fold_in(rng, 2)
-        x = self.decode_layers(x, cos, sin, mask, deep, target, remat, text_rng)
+        x = self.decode_layers(x, cos, sin, segments, deep, target, remat, text_rng, right_padded)
         return self.final_norm(x)
 
     def head_kernel(self):
@@ -120,14 +124,16 @@ class ModelDef:
         nnx.replace_by_pure_dict(state, params)
         return nnx.merge(self.graphdef, state)
 
-    def hidden(self, params: Params, batch, *, dtype=jnp.float32, remat=False, rng=None, target=None):
+    def hidden(self, params: Params, batch, *, dtype=jnp.float32, remat=False, rng=None, target=None,
+               right_padded=False):
         """Final-norm hidden states. `remat`: a `platform.REMAT` name, a bool, or None/"auto" (the
-        target's default); `target` None: the platform of the mesh in the sharding context."""
-        return self.module(params)(batch, dtype=dtype, remat=remat, rng=rng, target=target)
+        target's default); `target` None: the platform of the mesh in the sharding context; the
+        attention kernel is the config's `attention` (`right_padded`: see `Qwen3VL.__call__`)."""
+        return self.module(params)(batch, dtype=dtype, remat=remat, rng=rng, target=target, right_padded=right_padded)
 
-    def logits(self, params: Params, batch, *, dtype=jnp.float32, remat=False, target=None):
+    def logits(self, params: Params, batch, *, dtype=jnp.float32, remat=False, target=None, right_padded=False):
         model = self.module(params)
-        return model.logits(model(batch, dtype=dtype, remat=remat, target=target))
+        return model.logits(model(batch, dtype=dtype, remat=remat, target=target, right_padded=right_padded))
 
     def vision(self, params: Params, batch, *, dtype=jnp.float32, target=None):
         """Vision tower alone: merged tokens [R*S/4, D] and DeepStack features [K, R*S/4, D]."""

@@ -15,7 +15,8 @@ from flax import nnx
 
 from ...sharding import constrain
 from .config import TextConfig
-from .layers import attention, linear, linear_param, param, rms_norm
+from .attention import Layout, attend
+from .layers import linear, linear_param, param, rms_norm
 from .rope import apply_rope
 
 
@@ -64,13 +65,17 @@ class DecoderLayer(nnx.Module):
         y = self._lin("down", jax.nn.silu(self._lin("gate", y, rng)) * self._lin("up", y, rng), rng)
         return constrain(x + y, ("batch", "seq", None))
 
-    def __call__(self, x, cos, sin, mask, rng=None, *, target):
+    def __call__(self, x, cos, sin, segments, rng=None, *, target, attention: str = "xla",
+                 right_padded: bool = False):
+        """`segments` [B, L] from `text_segments`; `attention` the config's kernel choice."""
         q, k, v = self.project_qkv(x, cos, sin, rng)
-        return self.finish(x, attention(q, k, v, *mask, target=target), rng)
+        layout = Layout(causal=True, right_padded=right_padded)
+        out = attend(q, k, v, segments, segments, layout=layout, attention=attention, target=target)
+        return self.finish(x, out, rng)
 
 
-def causal_mask(attention_mask):
-    """[B, L] validity -> (q_seg, k_seg, q_idx, k_idx) for causal, key-valid attention."""
-    b, length = attention_mask.shape
-    idx = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
-    return jnp.zeros((b, length), jnp.int32), jnp.where(attention_mask > 0, 0, -1), idx, idx
+def text_segments(attention_mask):
+    """[B, L] validity -> segment ids: 0 for real tokens, 1 for padding. With the causal mask a
+    real token sees the real tokens before it; a padded position sees the padding before it and
+    itself (never an empty row; its output is ignored downstream)."""
+    return jnp.where(attention_mask > 0, 0, 1).astype(jnp.int32)

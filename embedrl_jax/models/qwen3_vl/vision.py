@@ -12,7 +12,8 @@ from flax import nnx
 
 from ...sharding import constrain
 from .config import VisionConfig
-from .layers import attention, layer_norm, linear, linear_param, param, scan_layers, stacked
+from .attention import Layout, attend
+from .layers import layer_norm, linear, linear_param, param, scan_layers, stacked
 from .rope import apply_rope, vision_cos_sin
 
 
@@ -49,7 +50,7 @@ class VisionBlock(nnx.Module):
         linear_param(self, rngs, "fc2", (f, d), ("vision_mlp", "vision_embed"), self.EQS["fc2"], lora, path)
         self.fc2_bias = param(rngs, (d,), ("norm",), "zeros")
 
-    def __call__(self, x, cos, sin, segment_ids, rng=None, *, target):
+    def __call__(self, x, cos, sin, segment_ids, rng=None, *, target, attention: str = "xla"):
         dt = x.dtype
         lin = lambda name, inp: linear(self, name, self.EQS[name], inp, rng)  # noqa: E731
         y = layer_norm(x, self.norm1_scale[...], self.norm1_bias[...], self.eps)
@@ -57,7 +58,8 @@ class VisionBlock(nnx.Module):
         k = lin("k", y) + self.k_bias[...][:, None].astype(dt)
         v = lin("v", y) + self.v_bias[...][:, None].astype(dt)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        a = attention(q, k, v, segment_ids, segment_ids, target=target)
+        # packed frames: block-diagonal by segment id (padding patches, -1, form one more segment)
+        a = attend(q, k, v, segment_ids, segment_ids, layout=Layout(causal=False), attention=attention, target=target)
         x = x + lin("o", a) + self.o_bias[...].astype(dt)
         y = layer_norm(x, self.norm2_scale[...], self.norm2_bias[...], self.eps)
         y = jax.nn.gelu(lin("fc1", y) + self.fc1_bias[...].astype(dt), approximate=True)  # gelu_pytorch_tanh
@@ -112,7 +114,8 @@ class VisionTower(nnx.Module):
         k = len(cfg.deepstack_visual_indexes)
         self.deepstack = stacked(k, lambda r: PatchMerger(cfg, True, r, lora), rngs) if k else None
 
-    def __call__(self, patches, segment_ids, pos_idx, pos_w, rowcol, *, target, dtype=jnp.float32, remat=False, rng=None):
+    def __call__(self, patches, segment_ids, pos_idx, pos_w, rowcol, *, target, dtype=jnp.float32, remat=False, rng=None,
+                 attention: str = "xla"):
         cfg = self.cfg
         x = jnp.einsum("rsc,cd->rsd", patches.astype(dtype), self.patch_embed[...].astype(dtype))
         x = x + self.patch_bias[...].astype(dtype)
@@ -121,7 +124,8 @@ class VisionTower(nnx.Module):
         x = constrain(x + pos.astype(dtype), ("batch", None, None))
         cos, sin = vision_cos_sin(rowcol, cfg.head_dim, cfg.rope_theta)
         def body(block, h, i):
-            return block(h, cos, sin, segment_ids, None if rng is None else jax.random.fold_in(rng, i), target=target)
+            return block(h, cos, sin, segment_ids, None if rng is None else jax.random.fold_in(rng, i), target=target,
+                         attention=attention)
 
         # DeepStack taps split the depth into segments; each segment is one scan.
         taps = list(cfg.deepstack_visual_indexes)
