@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from tiny import image_processor, tiny_hf_model, tiny_tokenizer
+from tiny import save_tiny_embedder_dir
 
 from embedrl_jax.cli import main
 from embedrl_jax.eval.readers import read_task
@@ -18,12 +18,7 @@ SLOW = pytest.mark.slow  # tiny-model forwards over images and 8-frame videos: ~
 @pytest.fixture(scope="module")
 def embedder_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("eval_embedder")
-    tiny_hf_model(seed=1).save_pretrained(path)
-    tok = tiny_tokenizer()
-    tok.add_tokens(["<emb>"])
-    tok.save_pretrained(path)
-    image_processor(min_tokens=4, max_tokens=16).save_pretrained(path)
-    return path
+    return save_tiny_embedder_dir(path)
 
 
 @SLOW

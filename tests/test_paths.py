@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from etils.epath import backend as epath_backend
 from etils.epath import gpath
-from tiny import image_processor, tiny_hf_model, tiny_tokenizer
+from tiny import save_tiny_embedder_dir
 
 import embedrl_jax
 from embedrl_jax import fsutil
@@ -172,12 +172,7 @@ def test_a_failed_build_leaves_the_destination_untouched(fake_gs, tmp_path):
 def tiny_base(tmp_path_factory):
     """A tiny random Qwen3-VL HF directory: weights, config, tokenizer (with <emb>), processor."""
     path = tmp_path_factory.mktemp("base") / "base"
-    tiny_hf_model(seed=1).save_pretrained(path)
-    tok = tiny_tokenizer()
-    tok.add_tokens(["<emb>"])
-    tok.save_pretrained(path)
-    image_processor(min_tokens=4, max_tokens=16).save_pretrained(path)
-    return path
+    return save_tiny_embedder_dir(path)
 
 
 def _params(handle):
