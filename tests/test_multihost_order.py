@@ -52,6 +52,7 @@ def test_two_interleaved_processes_train_like_one(tmp_path):
         assert abs(a["loss"] - b["loss"]) < 1e-5, (a["loss"], b["loss"])
     assert one[-1]["eval/toy_t2i_heldout/hit1"] == two[-1]["eval/toy_t2i_heldout/hit1"]
     _same_exports(tmp_path / "one" / "export", tmp_path / "two" / "export", 1e-5)
+    assert not [p.name for p in (tmp_path / "two").iterdir() if ".tmp" in p.name]  # no stray temporaries
 
 
 # Two processes x 4 CPU devices, mesh (data=1, fsdp=4, tensor=2) whose tensor pairs join a device
