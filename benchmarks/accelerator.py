@@ -45,7 +45,7 @@ from embedrl_jax.chips import chip_of
 from embedrl_jax.config import PRESET_DIR
 from embedrl_jax.errors import UserError
 from embedrl_jax.hf import param_shardings
-from embedrl_jax.models.platform import platform_of, target_of
+from embedrl_jax.models.platform import frozen_dtype, platform_of
 from embedrl_jax.models.qwen3_vl.config import Qwen3VLConfig
 from embedrl_jax.models.qwen3_vl.inputs import Buckets, pack_chunks
 from embedrl_jax.models.qwen3_vl.model import model_def
@@ -336,8 +336,7 @@ def bench_decode(args, mesh, chip) -> None:
         raise SystemExit(f"--decode-steps {steps} must be below --cache-len {length} (the steps write into the cache)")
     start = length - steps
     # frozen policy weights: "auto" is the target's choice (bf16 on TPU/GPU), as the trainers resolve it
-    frozen = target_of(mesh).frozen_dtype if cfg.base_dtype == "auto" else cfg.base_dtype
-    wdtype, cdtype = jnp.dtype(frozen), jnp.dtype(cfg.compute_dtype)
+    wdtype, cdtype = jnp.dtype(frozen_dtype(cfg.base_dtype, mesh)), jnp.dtype(cfg.compute_dtype)
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, wdtype, sharding=s),
                             mdef.abstract_params(), param_shardings(mdef, mesh))
     t0 = time.perf_counter()

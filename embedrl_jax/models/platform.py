@@ -88,6 +88,12 @@ def platform_of(mesh=None) -> str:
     return mesh.devices.flat[0].platform
 
 
+def frozen_dtype(setting: str, mesh=None) -> str:
+    """A frozen-weights dtype setting resolved for the devices of `mesh`: "auto" -> the target's
+    `Target.frozen_dtype` (bfloat16 on TPU/GPU, float32 on XLA:CPU); anything else as given."""
+    return target_of(mesh).frozen_dtype if setting == "auto" else setting
+
+
 def target_of(mesh=None) -> Target:
     return Target(platform_of(mesh))
 

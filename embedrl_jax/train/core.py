@@ -43,7 +43,7 @@ from ..config import PRESET_DIR, to_dict
 from ..errors import ConfigError, MissingFileError, UserError
 from ..fsutil import as_path, is_published, is_remote, primary_first, write_run_config
 from ..hf import Qwen3VLHandle, param_shardings, read_hf_config, save_hf
-from ..models.platform import target_of
+from ..models.platform import frozen_dtype as resolve_frozen_dtype
 from ..models.qwen3_vl.config import ATTENTION_KINDS, Qwen3VLConfig
 from ..models.qwen3_vl.inputs import Buckets
 from ..models.qwen3_vl.model import init_adapters, model_def
@@ -219,7 +219,7 @@ class Trainer:
         mesh: "auto" -> the target's `frozen_dtype` (bfloat16 on TPU/GPU, float32 on XLA:CPU),
         decided by the mesh's devices, so a compile-only TPU mesh gets the TPU choice."""
         setting = self.cfg.base_dtype if setting is None else setting
-        return target_of(self.mesh).frozen_dtype if setting == "auto" else setting
+        return resolve_frozen_dtype(setting, self.mesh)
 
     def to_frozen(self, tree, dtype: str | None = None):
         """`tree` (arrays or ShapeDtypeStructs) in the frozen dtype, shardings kept; leaves
