@@ -111,9 +111,8 @@ def _steps(workdir: Path) -> list[int]:
     return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
 
-@pytest.fixture(scope="module")
-def emb(tmp_path_factory):
-    runs = Runs(tmp_path_factory.mktemp("faults-embedder"), "train-embedder", EMBEDDER)
+def _with_reference(runs: Runs) -> Runs:
+    """`runs` with its uninterrupted reference run done (`runs.ref`), which every fault run matches."""
     ref = runs.workdir("reference")
     rc, out = runs.run(ref)
     assert rc == 0, out[-3000:]
@@ -121,21 +120,39 @@ def emb(tmp_path_factory):
     return runs
 
 
-def test_sigterm_saves_the_agreed_step_exits_0_and_resumes_exactly(emb):
-    w = emb.workdir("sigterm", like=emb.ref)
-    p = emb.start(w)
+def _preempt(runs: Runs, steps: int) -> Path:
+    """Start a run like the reference, SIGTERM it after its first step: it must exit 0 with a
+    checkpoint at the step it stopped at. Returns its workdir."""
+    w = runs.workdir("sigterm", like=runs.ref)
+    p = runs.start(w)
     _wait_for(p, lambda: len(_rows(w)) >= 1, "the first step")
     p.send_signal(signal.SIGTERM)
-    rc, out = emb.finish(p)
+    rc, out = runs.finish(p)
     assert rc == 0, out[-3000:]
     stopped = _rows(w)[-1]["step"]
-    assert stopped < STEPS, "the signal came after the run had ended: nothing tested"
+    assert stopped < steps, "the signal came after the run had ended: nothing tested"
     assert f"preempted (SIGTERM): checkpoint saved at step {stopped}" in out
-    assert _steps(w)[-1] == stopped and not (w / "export").exists()
-    rc, out = emb.run(w)  # the same command resumes
+    assert _steps(w)[-1] == stopped
+    return w
+
+
+def _resumes_to_the_reference(runs: Runs, w: Path) -> None:
+    """The same command again finishes `w` with the reference's weights and losses, bit for bit."""
+    rc, out = runs.run(w)
     assert rc == 0, out[-3000:]
-    assert _weights(w) == _weights(emb.ref)
-    assert _losses(w) == _losses(emb.ref)
+    assert _weights(w) == _weights(runs.ref)
+    assert _losses(w) == _losses(runs.ref)
+
+
+@pytest.fixture(scope="module")
+def emb(tmp_path_factory):
+    return _with_reference(Runs(tmp_path_factory.mktemp("faults-embedder"), "train-embedder", EMBEDDER))
+
+
+def test_sigterm_saves_the_agreed_step_exits_0_and_resumes_exactly(emb):
+    w = _preempt(emb, STEPS)
+    assert not (w / "export").exists()
+    _resumes_to_the_reference(emb, w)
 
 
 def test_sigkill_during_an_async_save_reruns_to_the_same_result(emb):
@@ -201,26 +218,8 @@ REASONER = [
 
 @pytest.fixture(scope="module")
 def rl(tmp_path_factory):
-    runs = Runs(tmp_path_factory.mktemp("faults-reasoner"), "train-reasoner", REASONER)
-    ref = runs.workdir("reference")
-    rc, out = runs.run(ref)
-    assert rc == 0, out[-3000:]
-    runs.ref = ref
-    return runs
+    return _with_reference(Runs(tmp_path_factory.mktemp("faults-reasoner"), "train-reasoner", REASONER))
 
 
 def test_reasoner_sigterm_resumes_exactly(rl):
-    w = rl.workdir("sigterm", like=rl.ref)
-    p = rl.start(w)
-    _wait_for(p, lambda: len(_rows(w)) >= 1, "the first step")
-    p.send_signal(signal.SIGTERM)
-    rc, out = rl.finish(p)
-    assert rc == 0, out[-3000:]
-    stopped = _rows(w)[-1]["step"]
-    assert stopped < 4, "the signal came after the run had ended: nothing tested"
-    assert f"preempted (SIGTERM): checkpoint saved at step {stopped}" in out
-    assert _steps(w)[-1] == stopped
-    rc, out = rl.run(w)
-    assert rc == 0, out[-3000:]
-    assert _weights(w) == _weights(rl.ref)
-    assert _losses(w) == _losses(rl.ref)
+    _resumes_to_the_reference(rl, _preempt(rl, 4))
