@@ -373,6 +373,13 @@ def _update(trainer, **dims):
     return fn, args
 
 
+def run_buckets(cfg, mesh):
+    """The buckets a run of `cfg` on `mesh` packs with (splash's block multiple included)."""
+    from .train.core import run_buckets as buckets
+
+    return buckets(cfg, mesh)
+
+
 def embedder_train_program(cfg, mesh, tokens=None) -> Program:
     """`EmbedderTrainer`'s jitted update (train/embedder.py), built by the trainer from shapes."""
     from .train.embedder import EmbedderTrainer
@@ -384,8 +391,9 @@ def embedder_train_program(cfg, mesh, tokens=None) -> Program:
     trainer = abstract_trainer(EmbedderTrainer, cfg, mesh, model=True)
     mcfg = trainer.mdef.config
     b = pairs // chunks
-    seq = cfg.buckets.seq(text_budget(cfg.inputs, "inputs", tokens))
-    vision = image_rows(cfg.inputs, mcfg.vision.merge_unit, cfg.buckets, b, mesh)
+    buckets = run_buckets(cfg, mesh)
+    seq = buckets.seq(text_budget(cfg.inputs, "inputs", tokens))
+    vision = image_rows(cfg.inputs, mcfg.vision.merge_unit, buckets, b, mesh)
     fn, args = _update(trainer, pairs=pairs, seq=seq, vision=vision)
     remat = _remats(cfg, mesh)
     fwd = 2 * forward_flops(mcfg, pairs, seq, (vision[0] * chunks, vision[1]))  # both towers
@@ -415,9 +423,10 @@ def sft_train_program(cfg, mesh, tokens=None) -> Program:
     trainer = abstract_trainer(SFTTrainer, cfg, mesh, model=True)
     mcfg = trainer.mdef.config
     r = cfg.batch_size // m
-    p_len = cfg.buckets.seq(_prompt_tokens(cfg.inputs, cfg.max_prompt_tokens, tokens))
-    t_len = min(cfg.buckets.seq(cfg.max_completion_tokens), cfg.max_completion_tokens)
-    vision = image_rows(cfg.inputs, mcfg.vision.merge_unit, cfg.buckets, r, mesh)
+    buckets = run_buckets(cfg, mesh)
+    p_len = buckets.seq(_prompt_tokens(cfg.inputs, cfg.max_prompt_tokens, tokens))
+    t_len = min(buckets.seq(cfg.max_completion_tokens), cfg.max_completion_tokens)
+    vision = image_rows(cfg.inputs, mcfg.vision.merge_unit, buckets, r, mesh)
     fn, args = _update(trainer, samples=cfg.batch_size, prompt=p_len, completion=t_len, vision=vision)
     remat = _remats(cfg, mesh)
     fwd = m * forward_flops(mcfg, r, p_len + t_len, vision, head_tokens=r * t_len)
@@ -466,7 +475,7 @@ def rl_trainer(cfg, mesh):
 
 def _rollout_shape(cfg, mesh, mcfg, tokens):
     prompts = 2 * cfg.rollout.pairs_per_step
-    p_len = cfg.buckets.seq(_prompt_tokens(cfg.inputs, cfg.rollout.max_prompt_tokens, tokens))
+    p_len = run_buckets(cfg, mesh).seq(_prompt_tokens(cfg.inputs, cfg.rollout.max_prompt_tokens, tokens))
     return prompts, p_len, cfg.rollout.max_new_tokens
 
 
@@ -481,7 +490,7 @@ def grpo_update_program(cfg, mesh, tokens=None) -> Program:
     if prompts % m:
         raise UserError(f"config key grpo.mini_batches={m} does not divide the {prompts} prompts of a step")
     r = prompts // m * n
-    vision = image_rows(cfg.inputs, policy.vision.merge_unit, cfg.buckets, prompts // m, mesh)
+    vision = image_rows(cfg.inputs, policy.vision.merge_unit, run_buckets(cfg, mesh), prompts // m, mesh)
     fn, args = _update(trainer, prompts=prompts, prompt=p_len, vision=vision)
     remat = _remats(cfg, mesh)
     fwd = m * forward_flops(policy, r, p_len + t_len, vision, head_tokens=r * t_len)
@@ -523,7 +532,7 @@ def rollout_program(cfg, mesh, tokens=None) -> Program:
     trainer = rl_trainer(cfg, mesh)
     policy = trainer.mdef.config
     prompts, p_len, t_len = _rollout_shape(cfg, mesh, policy, tokens)
-    vision = image_rows(cfg.inputs, policy.vision.merge_unit, cfg.buckets, prompts, mesh)
+    vision = image_rows(cfg.inputs, policy.vision.merge_unit, run_buckets(cfg, mesh), prompts, mesh)
     hints = {"chunks": "rollout.pairs_per_step", "bucket": "rollout.max_prompt_tokens", "frozen_dtype": "base_dtype"}
     return _generate_program("rollout", trainer.mdef, trainer.policy_params(), mesh, prompts * cfg.rollout.samples,
                              p_len, vision, t_len, cfg.rollout.temperature, (151645, 151643), hints, {"prompts": prompts},
@@ -551,8 +560,9 @@ def reward_embed_program(cfg, mesh, tokens=None) -> Program:
     emb_cfg = handle.model_config
     mdef = handle.model_def
     rows = cfg.embed_batch_size
-    seq = cfg.buckets.seq(text_budget(cfg.embed_inputs, "embed_inputs", tokens, extra=cfg.rollout.max_new_tokens))
-    vision = image_rows(cfg.embed_inputs, emb_cfg.vision.merge_unit, cfg.buckets, rows, mesh)
+    buckets = run_buckets(cfg, mesh)
+    seq = buckets.seq(text_budget(cfg.embed_inputs, "embed_inputs", tokens, extra=cfg.rollout.max_new_tokens))
+    vision = image_rows(cfg.embed_inputs, emb_cfg.vision.merge_unit, buckets, rows, mesh)
     batch = packed_batch(emb_cfg, mesh, rows, seq, vision)
     tok = _struct((), np.int32, _replicated(mesh))
     call = functools.partial(_jitted_embed(mdef), dtype=handle.dtype)  # as Embedder.encode: its weights' dtype
@@ -575,20 +585,21 @@ def judge_program(cfg, mesh, tokens=None) -> Program:
         mdef, params = handle.model_def, handle.params
     cands = cfg.rollout.samples + cfg.reward.judge_top_k
     est = (cands + 1) * cfg.rollout.max_new_tokens + (cands + 1) * 512 + TEMPLATE_TOKENS
-    p_len = cfg.buckets.seq(tokens if tokens is not None else est)
+    p_len = run_buckets(cfg, mesh).seq(tokens if tokens is not None else est)
     hints = {"chunks": "judge_batch_size", "frozen_dtype": "base_dtype"}
     return _generate_program("judge", mdef, params, mesh, cfg.judge_batch_size, p_len, None, cfg.judge_max_new_tokens,
                              0.0, (151645, 151643), hints, {"candidates": cands})
 
 
-def programs_for(kind: str, cfg) -> list[Callable]:
+def programs_for(kind: str, cfg) -> dict[str, Callable]:
+    """The programs a run of this kind compiles, by the name its report gives each."""
     if kind == "embedder":
-        return [embedder_train_program]
+        return {"embedder_train_step": embedder_train_program}
     if kind == "sft":
-        return [sft_train_program]
-    out = [rollout_program, reward_embed_program, grpo_update_program]
+        return {"sft_train_step": sft_train_program}
+    out = {"rollout": rollout_program, "reward_embed": reward_embed_program, "grpo_update": grpo_update_program}
     if cfg.reward.use_judge:
-        out.append(judge_program)
+        out["judge"] = judge_program
     return out
 
 
@@ -791,9 +802,22 @@ def _estimates(rep: dict, target: Target) -> dict:
     return out
 
 
+def select_programs(kind: str, cfg, only=None) -> dict[str, Callable]:
+    """The run's programs, or the named subset of them: one program of a large run (the 8B GRPO
+    update alone compiles for many minutes) can be re-planned without compiling its siblings."""
+    builds = programs_for(kind, cfg)
+    unknown = [n for n in only or () if n not in builds]
+    if unknown:
+        raise UserError(f"--programs: {', '.join(unknown)} not a program of this {kind} run "
+                        f"(its programs: {', '.join(builds)})")
+    return {n: b for n, b in builds.items() if not only or n in only}
+
+
 def plan(config: str, topology: str, *, slices: int | None = None, mesh: str | None = None, tokens: int | None = None,
-         overrides=(), progress: Callable[[str], None] | None = None, hlo_dir: str | None = None) -> dict:
-    """Build and compile every program of a run for a target; returns the JSON report.
+         overrides=(), progress: Callable[[str], None] | None = None, hlo_dir: str | None = None,
+         only=None) -> dict:
+    """Build and compile every program of a run (or those named in `only`) for a target; returns
+    the JSON report.
 
     `slices` None: the config's mesh.slices. `mesh` "D,F,T" (default the config's mesh) is one
     slice's mesh, as mesh.data/fsdp/tensor are; the slices stack along data."""
@@ -809,8 +833,7 @@ def plan(config: str, topology: str, *, slices: int | None = None, mesh: str | N
               "chip": target.chip.kind, "chips": target.chips, "hosts": target.hosts, "slices": target.slices,
               "mesh": dict(m.shape), "config": str(config), "kind": kind, "tokens": tokens,
               "jax": jax.__version__, "libtpu": _libtpu_version(), "programs": []}
-    for build in programs_for(kind, cfg):
-        name = build.__name__.removesuffix("_program")
+    for name, build in select_programs(kind, cfg, only).items():
         t0 = time.perf_counter()
         try:
             prog = build(cfg, m, tokens)
@@ -901,6 +924,8 @@ def add_parser(sub) -> None:
     p.add_argument("--tokens", type=int, help="force the padded text length of every program to N")
     p.add_argument("--json", action="store_true", help="print the JSON report instead of text")
     p.add_argument("--hlo-dir", metavar="DIR", help="also write each program's optimized HLO text to DIR")
+    p.add_argument("--programs", metavar="NAME,...", help="compile only these programs of the run "
+                   "(embedder_train_step, sft_train_step, rollout, reward_embed, grpo_update, judge)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     p.set_defaults(run=run)
 
@@ -913,6 +938,7 @@ def run(args) -> int:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only: never probe for a local TPU
     say = lambda m: print(f"embedrl: {m}", file=sys.stderr, flush=True)  # noqa: E731 - progress on stderr
     rep = plan(args.config, args.topology, slices=args.slices, mesh=args.mesh, tokens=args.tokens,
-               overrides=args.overrides, progress=say, hlo_dir=args.hlo_dir)
+               overrides=args.overrides, progress=say, hlo_dir=args.hlo_dir,
+               only=[n.strip() for n in args.programs.split(",") if n.strip()] if args.programs else None)
     print(json.dumps(rep, indent=2) if args.json else format_report(rep))
     return 0 if rep["fits"] else EXIT_DOES_NOT_FIT

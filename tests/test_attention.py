@@ -1,6 +1,7 @@
 """Attention backends (models/qwen3_vl/attention.py): splash in Pallas interpret mode against xla (kernel and
 whole model), a splash train step compiled for a compile-only TPU topology, the layout handed to
 cuDNN, the padding rule that leaves no query row without a key, and bad input."""
+import dataclasses
 import logging
 import re
 
@@ -321,6 +322,35 @@ def test_bucket_rule_rounds_to_the_splash_block_multiple_where_splash_is_used():
     assert (b.patches(784), s.patches(784)) == (800, 896)
     assert b.for_attention("xla") == b and b.for_attention("cudnn") == b
     assert attn.splash_block(384) == 128 and attn.splash_block(1024) == 512
+
+
+def test_trainers_and_plans_pack_at_the_splash_multiple_on_tpu():
+    """A run's buckets follow its mesh's kernel: a trainer built for a compile-only TPU mesh
+    (attention auto = splash) pads to 128 multiples, one forced to xla or on the CPU mesh does not,
+    and `embedrl plan` compiles the padded lengths the trainer would pack."""
+    from embedrl_jax import plan as plan_lib
+    from embedrl_jax.train.core import run_buckets
+    from embedrl_jax.train.embedder import EmbedderTrainConfig, EmbedderTrainer
+
+    tpu = make_mesh(MeshConfig(1, 4, 1), devices=topologies.get_topology_desc(
+        platform="tpu", topology_name="v5p:2x2x1").devices)
+    cpu = make_mesh(MeshConfig(1, -1, 1))
+    cfg = TrainerConfig(buckets=Buckets(seq_min=64))
+    assert run_buckets(cfg, tpu).multiple == 128 and run_buckets(cfg, tpu).seq(201) == 256
+    assert run_buckets(cfg, cpu).multiple == 1 and run_buckets(cfg, cpu).seq(201) == 208
+    xla = TrainerConfig(buckets=Buckets(seq_min=64), attention="xla")
+    assert run_buckets(xla, tpu).multiple == 1
+    ecfg = EmbedderTrainConfig(model="tiny", lora=None, buckets=Buckets(seq_min=64, patch_min=64, rows_min=8),
+                               inputs=dataclasses.replace(EmbedderTrainConfig().inputs, max_text_tokens=200,
+                                                          image_min_tokens=4, image_max_tokens=16),
+                               data=dataclasses.replace(EmbedderTrainConfig().data, toy=False, sub_batch_size=8))
+    assert EmbedderTrainer(ecfg, ".", mesh=tpu, abstract=True).buckets.multiple == 128
+    budget = plan_lib.text_budget(ecfg.inputs, "inputs", None)
+    splash, xla = (plan_lib.embedder_train_program(c, tpu).shapes
+                   for c in (ecfg, dataclasses.replace(ecfg, attention="xla")))
+    assert splash["padded_tokens"] == ecfg.buckets.for_attention("splash").seq(budget)
+    assert xla["padded_tokens"] == ecfg.buckets.seq(budget) and splash["padded_tokens"] % 128 == 0
+    assert splash["patch_row_len"] % 128 == 0 and xla["patch_row_len"] % 128 != 0
 
 
 @pytest.mark.parametrize("kind,platform,match", [

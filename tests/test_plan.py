@@ -125,6 +125,20 @@ def test_cli_bad_topology_exits_2(tmp_path, capsys):
     assert "accepted forms" in capsys.readouterr().err
 
 
+def test_programs_flag_selects_and_names_unknown(tmp_path):
+    """`--programs` compiles a named subset of a run's programs, in the run's order; a name that is
+    not one of them is refused with the run's program names."""
+    from embedrl_jax.config import PRESET_DIR
+
+    kind, cfg = plan_lib.load_run_config(str(PRESET_DIR / "egrl_8b.json"))
+    assert list(plan_lib.select_programs(kind, cfg)) == ["rollout", "reward_embed", "grpo_update", "judge"]
+    assert list(plan_lib.select_programs(kind, cfg, ["judge", "grpo_update"])) == ["grpo_update", "judge"]
+    with pytest.raises(ValueError, match=r"--programs: embedder_train_step not a program .*rollout, reward_embed"):
+        plan_lib.select_programs(kind, cfg, ["embedder_train_step"])
+    bad = ["plan", "--config", str(PRESET_DIR / "egrl_8b.json"), "--topology", "cpu:8", "--programs", "rollout,nope"]
+    assert cli_main(bad) == 2
+
+
 # ------------------------------------------------------------------ compiles
 @pytest.mark.slow
 def test_plan_cpu8_agrees_with_the_cpu_mesh(tmp_path, capsys):
@@ -221,7 +235,7 @@ def test_paper_configs_shape_every_program_from_presets():
     for name in ("embedder_2b", "embedder_4b", "sft_reasoner_8b", "egrl_8b"):
         kind, cfg = plan_lib.load_run_config(str(PRESET_DIR / f"{name}.json"))
         kinds[name] = kind
-        progs = {p.name: p for p in (build(cfg, mesh) for build in plan_lib.programs_for(kind, cfg))}
+        progs = {p.name: p for p in (build(cfg, mesh) for build in plan_lib.programs_for(kind, cfg).values())}
         if name.startswith("embedder"):
             p = progs["embedder_train_step"]
             assert p.shapes["pairs"] == (1024 if name == "embedder_2b" else 512)

@@ -43,7 +43,8 @@ from ..config import PRESET_DIR, to_dict
 from ..errors import ConfigError, MissingFileError, UserError
 from ..fsutil import as_path, is_published, is_remote, primary_first, write_run_config
 from ..hf import Qwen3VLHandle, param_shardings, read_hf_config, save_hf
-from ..models.platform import frozen_dtype as resolve_frozen_dtype
+from ..models.platform import frozen_dtype as resolve_frozen_dtype, target_of
+from ..models.qwen3_vl.attention import resolve as attention_kernel
 from ..models.qwen3_vl.config import ATTENTION_KINDS, Qwen3VLConfig
 from ..models.qwen3_vl.inputs import Buckets
 from ..models.qwen3_vl.model import init_adapters, model_def
@@ -80,6 +81,13 @@ class Preempted(SystemExit):
 
 class BadStepsError(UserError):
     """Too many consecutive steps with a non-finite loss or gradient norm (a checkpoint was saved)."""
+
+
+def run_buckets(cfg: "TrainerConfig", mesh) -> Buckets:
+    """`cfg.buckets` as a run on `mesh` pads with them: where attention resolves to splash (TPU)
+    lengths round up to its block multiple (`Buckets.for_attention`), so the trainers pack, and
+    `embedrl plan` compiles, exactly the shapes the kernel tiles."""
+    return cfg.buckets.for_attention(attention_kernel(cfg.attention, target_of(mesh)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,6 +220,11 @@ class Trainer:
 
         primary_first(build, f"embedrl_{name}_{type(self).__name__}")
         return path
+
+    @property
+    def buckets(self) -> Buckets:
+        """The configured buckets for this run's attention kernel (`run_buckets`)."""
+        return run_buckets(self.cfg, self.mesh)
 
     # -- precision
     def frozen_dtype(self, setting: str | None = None) -> str:

@@ -233,7 +233,7 @@ class EmbedderTrainer(Trainer):
         if len(records) % c:
             raise ConfigError(f"batch of {len(records)} pairs is not divisible by grad_cache_chunks={c}")
         strip = (lambda it: it) if self.cfg.data.use_tcot else (lambda it: {k: v for k, v in it.items() if k != "tcot"})
-        size, mcfg, buckets = len(records) // c, self.mdef.config, self.cfg.buckets
+        size, mcfg, buckets = len(records) // c, self.mdef.config, self.buckets
         out = []
         for side in ([strip(r.query) for r in records], [strip(r.positive) for r in records]):
             built = [self.builder.build(side[i * size:(i + 1) * size]) for i in range(c)]
@@ -269,7 +269,7 @@ class EmbedderTrainer(Trainer):
     def embed_items(self, items, batch_size: int = 16) -> np.ndarray:
         fn, params, out = self._eval_fn(), self.model_params(), []
         for i in range(0, len(items), batch_size):
-            arrays = pack_chunks(self.mdef.config, [self.builder.build(list(items[i:i + batch_size]))], self.cfg.buckets)
+            arrays = pack_chunks(self.mdef.config, [self.builder.build(list(items[i:i + batch_size]))], self.buckets)
             with jax.set_mesh(self.mesh):
                 out.append(to_host(fn(params, arrays)))  # every host evaluates; gathered across hosts
         return np.concatenate(out)

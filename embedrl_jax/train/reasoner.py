@@ -176,7 +176,7 @@ class ReasonerRLTrainer(Trainer):
         self.tokenizer = load_tokenizer(self.source)
         self.image_processor = load_image_processor(self.source, self.base.config)
         self.reasoner = Reasoner(self.base, self.tokenizer, self.image_processor, input_config=cfg.inputs,
-                                 max_prompt_tokens=cfg.rollout.max_prompt_tokens, buckets=cfg.buckets)
+                                 max_prompt_tokens=cfg.rollout.max_prompt_tokens, buckets=self.buckets)
         self.embedder = Embedder.from_pretrained(cfg.embedder, mesh=self.mesh, dtype=self.frozen_dtype(cfg.embed_dtype),
                                                  input_config=cfg.embed_inputs)
         judge = None
@@ -184,7 +184,7 @@ class ReasonerRLTrainer(Trainer):
             if cfg.judge is None:
                 who, kw = self.reasoner, {"params": self.ref_params, "model_def": self.ref_mdef}
             else:
-                who, kw = Reasoner.from_pretrained(cfg.judge, mesh=self.mesh, dtype=self.frozen_dtype(), buckets=cfg.buckets), {}
+                who, kw = Reasoner.from_pretrained(cfg.judge, mesh=self.mesh, dtype=self.frozen_dtype(), buckets=self.buckets), {}
             judge = functools.partial(who.replies, batch_size=cfg.judge_batch_size,
                                       max_new_tokens=cfg.judge_max_new_tokens, **kw)
         self.reward = EGReward(lambda items: self.embedder.encode(items, batch_size=cfg.embed_batch_size, progress=False),
@@ -226,7 +226,7 @@ class ReasonerRLTrainer(Trainer):
             m -= 1
         n, per = gen.tokens.shape[1], len(prompts) // m
         hf = [self.reasoner.builder.build(prompts[i * per:(i + 1) * per], mode="generate") for i in range(m)]
-        packed, deltas = pack_prompts(self.mdef.config, hf, self.cfg.buckets)
+        packed, deltas = pack_prompts(self.mdef.config, hf, self.buckets)
         tokens, mask, lps = (x.reshape(len(prompts) * n, -1) for x in (gen.tokens, gen.mask, gen.logprobs))
         rows, out = per * n, []
         for i in range(m):

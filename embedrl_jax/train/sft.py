@@ -156,7 +156,7 @@ class SFTTrainer(Trainer):
             self.image_processor = load_image_processor(self.source, handle.config)
             # the sampler's own prompt layout (generate mode, left padded)
             self.reasoner = Reasoner(handle, self.tokenizer, self.image_processor, input_config=cfg.inputs,
-                                     max_prompt_tokens=cfg.max_prompt_tokens, buckets=cfg.buckets)
+                                     max_prompt_tokens=cfg.max_prompt_tokens, buckets=self.buckets)
             self.eos_id = self.tokenizer.convert_tokens_to_ids(EOS_TOKEN)
             if self.eos_id is None or self.eos_id < 0 or self.eos_id == self.tokenizer.unk_token_id:
                 raise UserError(f"the tokenizer in {self.source} has no {EOS_TOKEN} token")
@@ -218,7 +218,7 @@ class SFTTrainer(Trainer):
     def completion_length(self, indices) -> int:
         """The padded completion length T of a step: the bucketed longest completion, capped."""
         longest = max(len(self.completions[i]) for i in indices)
-        return int(min(self.cfg.buckets.seq(longest), self.cfg.max_completion_tokens))
+        return int(min(self.buckets.seq(longest), self.cfg.max_completion_tokens))
 
     def local_indices(self, step: int) -> np.ndarray:
         """This process's slice of the step's global sample indices."""
@@ -241,8 +241,8 @@ class SFTTrainer(Trainer):
             except (ValueError, RecordError) as e:
                 raise UserError(f"samples {[self.samples[i].source for i in g]}: {e}") from None
         # every host packs its share alike: the global arrays are the hosts' rows side by side
-        shape = hosts_shape(self.mdef.config, prepared, cfg.buckets, self.mesh)
-        arrays, deltas = pack_prompts(self.mdef.config, prepared, cfg.buckets, shape=shape)
+        shape = hosts_shape(self.mdef.config, prepared, self.buckets, self.mesh)
+        arrays, deltas = pack_prompts(self.mdef.config, prepared, self.buckets, shape=shape)
         seqs = []
         for a, d, g in zip(arrays, deltas, groups):
             tokens = np.zeros((len(g), t), np.int32)
