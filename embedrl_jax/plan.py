@@ -11,7 +11,7 @@ or data: model shapes come from config.json (a directory's, or the presets in
 configs/models/), batch shapes from the config's batch sizes, token budgets and buckets.
 
     embedrl plan --config configs/embedder_2b.json --topology v5p-64 [--slices K] [--mesh D,F,T]
-                 [--tokens N] [--json] [key=value ...]
+                 [--tokens N] [--programs P,...] [--json] [key=value ...]
 
 One small function per program (`embedder_train_program`, `sft_train_program`,
 `grpo_update_program`, `rollout_program`, `reward_embed_program`, `judge_program`) builds the
