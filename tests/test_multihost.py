@@ -29,7 +29,7 @@ def _free_port() -> int:
 
 
 def _launch(workdir, port, verb="train-embedder", run=RUN):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=4"),
                JAX_DEFAULT_MATMUL_PRECISION="highest")
     cmd = [sys.executable, "-m", "embedrl_jax.cli", "--distributed", "--coordinator", f"127.0.0.1:{port}",
            "--num-processes", "2"]

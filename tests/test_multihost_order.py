@@ -35,7 +35,7 @@ sys.exit(main(sys.argv[1:]))
 def test_two_interleaved_processes_train_like_one(tmp_path):
     assert main(["train-embedder", "--workdir", str(tmp_path / "one"), *RUN]) == 0
     port = _free_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=4"),
                JAX_DEFAULT_MATMUL_PRECISION="highest")
     cmd = [sys.executable, "-c", INTERLEAVED_MAIN, "--distributed", "--coordinator", f"127.0.0.1:{port}",
            "--num-processes", "2"]
@@ -89,7 +89,7 @@ except ValueError as e:
 
 def test_two_processes_sharing_every_row_load_the_same_samples():
     port = _free_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=4"))
     procs = [subprocess.Popen([sys.executable, "-c", SHARED_ROWS_MAIN, str(port), str(i)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     outs = wait_all(procs, timeout=600)
