@@ -831,7 +831,7 @@ def plan(config: str, topology: str, *, slices: int | None = None, mesh: str | N
     m = build_mesh(mesh_cfg, target)
     report = {"topology": topology, "libtpu_topology": target.libtpu_name, "platform": target.platform,
               "chip": target.chip.kind, "chips": target.chips, "hosts": target.hosts, "slices": target.slices,
-              "mesh": dict(m.shape), "config": str(config), "kind": kind, "tokens": tokens,
+              "mesh": dict(m.shape), "config": str(config), "overrides": list(overrides), "kind": kind, "tokens": tokens,
               "jax": jax.__version__, "libtpu": _libtpu_version(), "programs": []}
     for name, build in select_programs(kind, cfg, only).items():
         t0 = time.perf_counter()

@@ -145,8 +145,9 @@ def test_plan_cpu8_agrees_with_the_cpu_mesh(tmp_path, capsys):
     """`plan` on cpu:8 (JSON contract via the CLI), then the same program run for real on the
     CPU mesh: the arguments and outputs it allocates per device are what the plan reported."""
     cfg = _write(tmp_path, "tiny.json", TINY_EMBEDDER)
-    assert cli_main(["plan", "--config", cfg, "--topology", "cpu:8", "--mesh", "2,2,2", "--json"]) == 0
+    assert cli_main(["plan", "--config", cfg, "--topology", "cpu:8", "--mesh", "2,2,2", "--json", "attention=xla"]) == 0
     rep = json.loads(capsys.readouterr().out)
+    assert rep["overrides"] == ["attention=xla"]  # a saved report says how it was made
     assert {"topology", "chips", "hosts", "programs"} <= set(rep) and (rep["chips"], rep["hosts"]) == (8, 1)
     (p,) = rep["programs"]
     assert {"name", "fits", "bytes_per_chip", "hbm_bytes_per_chip", "tokens_per_step", "flops_per_chip",
