@@ -23,8 +23,7 @@ import orbax.checkpoint as ocp
 from .fsutil import COMMIT_MARKER, as_path, replace_dir, sync_processes
 from .hf import (Qwen3VLHandle, copy_side_files, load_hf, np_dtype, param_shardings, read_hf_config,
                  single_device_mesh)
-from .models.qwen3_vl.attention import resolve as attention_kernel
-from .models.platform import target_of
+from .models.qwen3_vl.attention import buckets_for
 from .models.qwen3_vl.inputs import Buckets
 from .models.qwen3_vl.model import ModelDef, model_def
 
@@ -141,7 +140,7 @@ def load_orbax(directory, mesh=None, dtype=None, *, buckets: Buckets = Buckets()
     hf_cfg, ours = read_hf_config(directory)
     mesh = mesh if mesh is not None else single_device_mesh()
     ours = ours.replace(attention=attention)
-    buckets = buckets.for_attention(attention_kernel(attention, target_of(mesh)))  # as load_hf
+    buckets = buckets_for(buckets, attention, mesh)
     mdef = model_def(ours)
     params = restore_params(directory, mdef, mesh, dtype)
     # no source dtypes: export falls back to each parameter's own (restored) dtype

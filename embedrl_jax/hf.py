@@ -23,8 +23,7 @@ from jax.sharding import NamedSharding
 from . import safetensors_io as st
 from .errors import MissingFileError
 from .fsutil import COMMIT_MARKER, as_path, local_copy, local_staging, replace_dir, require, sync_processes
-from .models.platform import target_of
-from .models.qwen3_vl.attention import resolve as attention_kernel
+from .models.qwen3_vl.attention import buckets_for
 from .models.qwen3_vl.config import Qwen3VLConfig
 from .models.qwen3_vl.inputs import HF_INPUT_NAMES, Buckets, pack_inputs
 from .models.qwen3_vl.mapping import Mapping, Row, get_path, set_path, stack_size
@@ -228,7 +227,7 @@ def load_hf(path, *, dtype="float32", mesh=None, buckets: Buckets = Buckets(), a
     hf_cfg, ours = read_hf_config(path)
     mesh = mesh if mesh is not None else single_device_mesh()
     ours = ours.replace(attention=attention)
-    buckets = buckets.for_attention(attention_kernel(attention, target_of(mesh)))
+    buckets = buckets_for(buckets, attention, mesh)
     mdef = model_def(ours)
     params, source_dtypes = load_params(path, mdef, mesh, dtype)
     return Qwen3VLHandle(hf_cfg, mdef, params, mesh, source=path, source_dtypes=source_dtypes, buckets=buckets)

@@ -20,6 +20,7 @@ compiles exactly what a run would, on any mesh (compile-only TPU devices include
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -43,8 +44,8 @@ from ..config import PRESET_DIR, to_dict
 from ..errors import ConfigError, MissingFileError, UserError
 from ..fsutil import as_path, is_published, is_remote, primary_first, write_run_config
 from ..hf import Qwen3VLHandle, param_shardings, read_hf_config, save_hf
-from ..models.platform import frozen_dtype as resolve_frozen_dtype, target_of
-from ..models.qwen3_vl.attention import resolve as attention_kernel
+from ..models.platform import frozen_dtype as resolve_frozen_dtype
+from ..models.qwen3_vl.attention import buckets_for
 from ..models.qwen3_vl.config import ATTENTION_KINDS, Qwen3VLConfig
 from ..models.qwen3_vl.inputs import Buckets
 from ..models.qwen3_vl.model import init_adapters, model_def
@@ -84,10 +85,9 @@ class BadStepsError(UserError):
 
 
 def run_buckets(cfg: "TrainerConfig", mesh) -> Buckets:
-    """`cfg.buckets` as a run on `mesh` pads with them: where attention resolves to splash (TPU)
-    lengths round up to its block multiple (`Buckets.for_attention`), so the trainers pack, and
-    `embedrl plan` compiles, exactly the shapes the kernel tiles."""
-    return cfg.buckets.for_attention(attention_kernel(cfg.attention, target_of(mesh)))
+    """`cfg.buckets` as a run on `mesh` pads with them (`attention.buckets_for`), so the trainers
+    pack, and `embedrl plan` compiles, exactly the shapes the kernel tiles."""
+    return buckets_for(cfg.buckets, cfg.attention, mesh)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,9 +221,10 @@ class Trainer:
         primary_first(build, f"embedrl_{name}_{type(self).__name__}")
         return path
 
-    @property
+    @functools.cached_property
     def buckets(self) -> Buckets:
-        """The configured buckets for this run's attention kernel (`run_buckets`)."""
+        """The configured buckets for this run's attention kernel (`run_buckets`); the config and
+        the mesh are fixed for the trainer's life, so resolved once, not per packed batch."""
         return run_buckets(self.cfg, self.mesh)
 
     # -- precision

@@ -31,9 +31,9 @@ from jax.sharding import PartitionSpec as P
 
 from ...errors import ConfigError
 from ...sharding import logical_to_spec
-from ..platform import Target, platform_of
+from ..platform import Target, platform_of, target_of
 from .config import ATTENTION_KINDS
-from .inputs import SPLASH_MULTIPLE
+from .inputs import SPLASH_MULTIPLE, Buckets
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,13 @@ def resolve(attention: str, target: Target) -> str:
     """The kernel `attention` means on `target` ("auto" -> `Target.attention_kernel`)."""
     check(attention, target.platform)
     return target.attention_kernel if attention == "auto" else attention
+
+
+def buckets_for(buckets: Buckets, attention: str, mesh) -> Buckets:
+    """`buckets` as a model on `mesh` with this `attention` setting pads with them: where it
+    resolves to splash, lengths round up to splash's block multiple (`Buckets.for_attention`).
+    The one rule behind `load_hf`, `load_orbax`, the trainers and `embedrl plan`."""
+    return buckets.for_attention(resolve(attention, target_of(mesh)))
 
 
 @dataclasses.dataclass(frozen=True)
